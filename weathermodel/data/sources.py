@@ -138,13 +138,13 @@ def _open_grib(path: str) -> xr.Dataset:
                         "pip install 'weathermodel[grib]'", path=path) from error
     kwargs = {"indexpath": ""}  # never write .idx files beside the input
     try:
-        return xr.open_dataset(path, engine="cfgrib", backend_kwargs=kwargs, chunks={})
+        return chunk_by_time(xr.open_dataset(path, engine="cfgrib", backend_kwargs=kwargs))
     except Exception as error:  # cfgrib raises DatasetBuildError for heterogeneous files
         if type(error).__name__ != "DatasetBuildError":
             raise
         import cfgrib
 
-        parts = cfgrib.open_datasets(path, backend_kwargs=kwargs, chunks={})
+        parts = [chunk_by_time(p) for p in cfgrib.open_datasets(path, backend_kwargs=kwargs)]
         log.info("%s: GRIB file holds %d hypercubes; merging them", path, len(parts))
         return xr.merge(parts, compat="override", join="outer")
 
@@ -156,14 +156,25 @@ def _open_zarr(path: str) -> xr.Dataset:
         return xr.open_zarr(path, consolidated=False, chunks={}, decode_times=True)
 
 
+def chunk_by_time(ds: xr.Dataset, steps: int = 8) -> xr.Dataset:
+    """Give a lazily opened (not yet dask) dataset dask chunks of a few time steps.
+
+    Files without internal chunking (netCDF3, GRIB) would otherwise become one dask chunk, and
+    every block of the ingest would read the whole file.
+    """
+    time_like = {"time", "valid_time", "time_index", "timestep", "step", "date", "t"}
+    return ds.chunk({dim: (steps if dim in time_like else -1) for dim in ds.dims})
+
+
 def _open_netcdf(path: str) -> xr.Dataset:
     try:
-        return xr.open_dataset(path, chunks={}, decode_times=True, mask_and_scale=True)
+        ds = xr.open_dataset(path, decode_times=True, mask_and_scale=True)
     except ValueError as error:
         if "decode" not in str(error) and "time" not in str(error):
             raise
         log.info("%s: time units are not CF; decoding them later", path)
-        return xr.open_dataset(path, chunks={}, decode_times=False)
+        ds = xr.open_dataset(path, decode_times=False)
+    return chunk_by_time(ds)
 
 
 def open_path(path: str) -> xr.Dataset:

@@ -1,0 +1,329 @@
+"""``weathermodel prepare``: sources in, a complete training store out, resumable.
+
+The workflow: open and normalise every source (lazily), combine them into channels, check the
+time axis, create or resume the store, write it block by block (each block recorded in a
+progress file only after it is written), then compute statistics in one streaming pass and only
+then mark the store complete.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from tqdm.auto import tqdm
+
+import weathermodel
+from weathermodel import conventions as cv
+from weathermodel.configuration import config_to_dict
+from weathermodel.data import store as st
+from weathermodel.data.config import PrepareConfig, parse_time, parse_timedelta
+from weathermodel.data.forcings import compute_forcings, grid_static_fields
+from weathermodel.data.grid import describe_grid
+from weathermodel.data.normalize import CanonicalSource, to_canonical
+from weathermodel.data.sources import OpenedSource, open_sources
+from weathermodel.data.statistics import channel_statistics, pooled_statistics
+from weathermodel.data.timeaxis import TimeAxisReport, inspect_time_axis
+from weathermodel.errors import DataError, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Combined:
+    """All sources as channels: ``state`` (time, number, channel, lat, lon), lazily."""
+
+    state: xr.DataArray
+    statics: xr.DataArray | None
+    channel_variables: list[str]
+    channel_levels: list[float]
+    notes: list[str]
+
+
+def _check_same_grid(reference: CanonicalSource, other: CanonicalSource) -> None:
+    first = next(iter(reference.variables.values()))
+    second = next(iter(other.variables.values()))
+    for name in (cv.LATITUDE, cv.LONGITUDE):
+        a, b = first[name].values, second[name].values
+        if a.shape != b.shape or not np.allclose(a, b, atol=1e-5):
+            raise DataError(
+                f"mixed grids: its {name} ({b.size} points, {b[0]:g}..{b[-1]:g}) differs from "
+                f"that of '{reference.path}' ({a.size} points, {a[0]:g}..{a[-1]:g})",
+                "regrid all sources to one grid before prepare, or prepare them separately",
+                path=other.path)
+
+
+def _concat_time(pieces: list[xr.DataArray], name: str) -> xr.DataArray:
+    if len(pieces) == 1:
+        return pieces[0]
+    combined = xr.concat(pieces, dim=cv.TIME, join="exact")
+    return combined.sortby(cv.TIME)
+
+
+def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Combined:
+    """Stack canonical variables into channels, on one grid and one time axis."""
+    if not sources or not any(s.variables for s in sources):
+        raise DataError("no known variable found in the sources",
+                        "map the variables explicitly under sources[].variables",
+                        path=sources[0].path if sources else None)
+    for other in sources[1:]:
+        _check_same_grid(sources[0], other)
+    pieces: dict[str, list[xr.DataArray]] = {}
+    for source in sources:
+        for name, array in source.variables.items():
+            pieces.setdefault(name, []).append(array)
+    wanted = list(config.variables) or [v for v in cv.VARIABLES if v in pieces]
+    missing = [name for name in wanted if name not in pieces]
+    if missing:
+        raise DataError(f"variable(s) {missing} are in none of the sources (found: "
+                        f"{sorted(pieces)})", "add a source that has them, or remove them from "
+                        "'variables'", path=sources[0].path, variable=missing[0])
+    start = parse_time(config.start, "start") if config.start else None
+    end = parse_time(config.end, "end") if config.end else None
+    state_arrays, statics, channel_variables, channel_levels = [], [], [], []
+    for name in wanted:
+        info = cv.VARIABLES[name]
+        by_level: dict[float, list[xr.DataArray]] = {}
+        for array in pieces[name]:
+            if info.has_levels:
+                for level in array[cv.LEVEL].values:
+                    by_level.setdefault(float(level), []).append(
+                        array.sel({cv.LEVEL: level}).drop_vars(cv.LEVEL))
+            else:
+                by_level.setdefault(float("nan"), []).append(array)
+        levels = sorted(by_level)
+        if info.has_levels and config.levels:
+            absent = [lv for lv in config.levels if lv not in by_level]
+            if absent:
+                raise DataError(f"level(s) {absent} hPa not in the sources (found {levels})",
+                                "remove them from 'levels'", variable=name,
+                                path=sources[0].path)
+            levels = [lv for lv in levels if lv in config.levels]
+        for level in levels:
+            array = _concat_time(by_level[level], name).sel({cv.TIME: slice(start, end)})
+            if info.kind == "static":
+                statics.append(array.isel({cv.TIME: 0, cv.MEMBER: 0}, drop=True).rename(name))
+                continue
+            state_arrays.append(array)
+            channel_variables.append(name)
+            channel_levels.append(level)
+    if not state_arrays:
+        raise DataError("only static fields found; nothing to train on",
+                        "add time-varying variables", path=sources[0].path)
+    try:
+        state = xr.concat(state_arrays, dim=cv.CHANNEL, join="exact", coords="minimal",
+                          compat="override")
+    except ValueError as error:
+        raise DataError(f"the sources cover different times or members ({error})",
+                        "set start/end so that every source covers the same times",
+                        path=sources[0].path) from error
+    channels = [cv.channel_name(v, None if np.isnan(lv) else lv)
+                for v, lv in zip(channel_variables, channel_levels)]
+    state = state.assign_coords({cv.CHANNEL: channels}).transpose(
+        cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
+    static = xr.concat(statics, dim="static").assign_coords(
+        static=[s.name for s in statics]) if statics else None
+    notes = [note for source in sources for note in source.notes]
+    return Combined(state, static, channel_variables, channel_levels, notes)
+
+
+def _fingerprint(config: PrepareConfig, opened: list[OpenedSource]) -> str:
+    relevant = config_to_dict(config)
+    for key in ("output", "dask_scheduler"):
+        relevant.pop(key, None)
+    relevant["checksums"] = [source.checksum for source in opened]
+    relevant["format_version"] = st.FORMAT_VERSION
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def dask_context(scheduler: str | None) -> Iterator[None]:
+    """Run on a distributed cluster when given its address; local threads otherwise."""
+    if not scheduler:
+        yield
+        return
+    from distributed import Client
+
+    with Client(scheduler) as client:
+        log.info("using dask cluster %s (%d workers)", scheduler,
+                 len(client.scheduler_info()["workers"]))
+        yield
+
+
+def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
+                   times: np.ndarray, path: str) -> None:
+    fractions = np.isnan(block).mean(axis=(0, 1, 3, 4))
+    for channel in np.flatnonzero(fractions > limit):
+        variable = combined.channel_variables[channel]
+        raise DataError(
+            f"{fractions[channel]:.1%} of the values of channel "
+            f"'{combined.state[cv.CHANNEL].values[channel]}' are missing (NaN) in the block from "
+            f"{pd.Timestamp(times[t0])}; the limit max_missing_fraction is {limit:.1%}",
+            "fill or mask the missing values, or raise max_missing_fraction if they are "
+            "expected (e.g. outside a regional domain)", path=path, variable=variable)
+
+
+def _metadata(config: PrepareConfig, combined: Combined, report: TimeAxisReport,
+              opened: list[OpenedSource], fingerprint: str) -> dict:
+    state = combined.state
+    variables = []
+    for name in dict.fromkeys(combined.channel_variables):
+        info = cv.VARIABLES[name]
+        levels = [lv for v, lv in zip(combined.channel_variables, combined.channel_levels)
+                  if v == name and not np.isnan(lv)]
+        variables.append({"name": name, "units": info.units, "standard_name": info.standard_name,
+                          "levels": levels})
+    return {
+        "format_version": st.FORMAT_VERSION,
+        "package_version": weathermodel.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "fingerprint": fingerprint,
+        "variables": variables,
+        "channels": [str(c) for c in state[cv.CHANNEL].values],
+        "levels": sorted({lv for lv in combined.channel_levels if not np.isnan(lv)}),
+        "forcings": list(cv.FORCING_NAMES),
+        "statics": list(cv.GRID_STATIC_NAMES) + (
+            [str(s) for s in combined.statics["static"].values]
+            if combined.statics is not None else []),
+        "grid": describe_grid(state[cv.LATITUDE].values, state[cv.LONGITUDE].values).to_dict(),
+        "time_step_seconds": int(report.step.total_seconds()),
+        "time_range": [str(pd.Timestamp(state[cv.TIME].values[0])),
+                       str(pd.Timestamp(state[cv.TIME].values[-1]))],
+        "n_times": int(state.sizes[cv.TIME]),
+        "n_members": int(state.sizes[cv.MEMBER]),
+        "gaps": [list(g) for g in report.gaps],
+        "sources": [{"path": str(Path(s.path).resolve()) if not s.path.startswith(
+            ("http", "gs:", "s3:")) else s.path, "checksum": s.checksum,
+            "size_bytes": s.size_bytes} for s in opened],
+        "notes": combined.notes,
+        "config": config_to_dict(config),
+    }
+
+
+def _open_all(config: PrepareConfig) -> tuple[list[OpenedSource], list[CanonicalSource]]:
+    opened, canonical = [], []
+    for spec in config.sources:
+        for source in open_sources(spec.path):
+            opened.append(source)
+            canonical.append(to_canonical(source.dataset, spec, source.path))
+    return opened, canonical
+
+
+def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> str:
+    """Decide what to do with an existing output: 'create', 'resume' or 'done'."""
+    if not output.exists():
+        return "create"
+    metadata = st.read_metadata(output)
+    if metadata is not None and metadata.get("fingerprint") == fingerprint and not overwrite:
+        return "done" if metadata.get("complete") else "resume"
+    if not overwrite:
+        what = ("a store made from other inputs or options" if metadata is not None
+                else "something that is not a weathermodel store")
+        raise StoreError(f"the output path already holds {what}; it is left untouched",
+                         "choose another output path, or pass --overwrite to replace it",
+                         path=str(output))
+    return "create"
+
+
+def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run the whole prepare workflow; returns the path of the complete store."""
+    output = Path(config.output)
+    opened, canonical = _open_all(config)
+    combined = combine_sources(canonical, config)
+    times = combined.state[cv.TIME].values
+    declared = parse_timedelta(config.time_step, "time_step") if config.time_step else None
+    report = inspect_time_axis(times, declared, opened[0].path)
+    if report.gaps and config.on_gap == "error":
+        raise DataError(report.describe(), "fix the input, or pass --on-gap skip to keep the "
+                        "record and skip the training windows that cross a gap",
+                        path=opened[0].path)
+    for note in combined.notes:
+        log.info(note)
+    fingerprint = _fingerprint(config, opened)
+    action = _prepare_target(output, fingerprint, overwrite)
+    if action == "done":
+        log.info("%s is already complete; nothing to do", output)
+        return output
+    if action == "create":
+        if output.exists():
+            st.remove_store(output)
+        metadata = _metadata(config, combined, report, opened, fingerprint)
+        state = combined.state
+        layout = st.StoreLayout(
+            times=times, members=state[cv.MEMBER].values, channels=metadata["channels"],
+            channel_variables=combined.channel_variables, channel_levels=combined.channel_levels,
+            latitude=state[cv.LATITUDE].values, longitude=state[cv.LONGITUDE].values,
+            static_names=metadata["statics"], compressor=config.compressor)
+        st.create_store(output, layout, metadata)
+        st.save_progress(output, {"fingerprint": fingerprint, "blocks_done": []})
+    with dask_context(config.dask_scheduler):
+        _write_blocks(output, combined, report, config, progress)
+        _finalise(output, combined)
+    return output
+
+
+def _write_blocks(output: Path, combined: Combined, report: TimeAxisReport,
+                  config: PrepareConfig, progress: bool) -> None:
+    state = combined.state
+    times = state[cv.TIME].values
+    lat, lon = state[cv.LATITUDE].values, state[cv.LONGITUDE].values
+    done_payload = st.load_progress(output)
+    done = set(done_payload.get("blocks_done", []))
+    if "static" not in done:
+        grid_static = grid_static_fields(lat, lon)
+        source_static = (combined.statics.values.astype("float32")
+                         if combined.statics is not None else np.zeros((0, *grid_static.shape[1:]),
+                                                                      "float32"))
+        st.write_array(output, "statics", np.concatenate([grid_static, source_static]),
+                       ("static", cv.LATITUDE, cv.LONGITUDE), (slice(None),) * 3)
+        st.write_array(output, "consecutive", report.consecutive, (cv.TIME,), (slice(None),))
+        done.add("static")
+    n_blocks = -(-times.size // config.time_block)
+    todo = [b for b in range(n_blocks) if b not in done]
+    for block in tqdm(todo, desc="prepare: writing", unit="block", disable=not progress):
+        t0, t1 = block * config.time_block, min((block + 1) * config.time_block, times.size)
+        values = state.isel({cv.TIME: slice(t0, t1)}).data
+        values = np.asarray(values.compute() if isinstance(values, da.Array) else values,
+                            dtype="float32")
+        _check_missing(values, combined, config.max_missing_fraction, t0, times, str(output))
+        st.write_array(output, "state", values, (), (slice(t0, t1),))
+        st.write_array(output, "forcings", compute_forcings(times[t0:t1], lat, lon), (),
+                       (slice(t0, t1),))
+        done.add(block)
+        st.save_progress(output, {**done_payload, "blocks_done": sorted(done, key=str)})
+
+
+def _finalise(output: Path, combined: Combined) -> None:
+    """Statistics in one streaming pass, then mark the store complete."""
+    bytes_per_time = combined.state.isel({cv.TIME: 0}).size * 4
+    steps_per_task = max(1, min(combined.state.sizes[cv.TIME], (64 << 20) // bytes_per_time))
+    ds = xr.open_zarr(str(output), consolidated=False, chunks={cv.TIME: steps_per_task})
+    consecutive = ds["consecutive"].values.astype(bool)
+    stats = channel_statistics(ds["state"].data, consecutive)
+    for name, values in stats.items():
+        st.write_array(output, name, values, (cv.CHANNEL,))
+    forcings = ds["forcings"].data.astype("float64")
+    f_mean, f_std = dask.compute(forcings.mean(axis=(0, 2, 3)), forcings.std(axis=(0, 2, 3)))
+    st.write_array(output, "forcing_mean", np.asarray(f_mean), ("forcing",))
+    st.write_array(output, "forcing_std", np.asarray(f_std), ("forcing",))
+    static = ds["statics"].values.astype("float64")
+    st.write_array(output, "static_mean", static.mean(axis=(1, 2)), ("static",))
+    st.write_array(output, "static_std", static.std(axis=(1, 2)), ("static",))
+    groups: dict[str, list[int]] = {}
+    for index, variable in enumerate(combined.channel_variables):
+        groups.setdefault(variable, []).append(index)
+    channel_stats = {str(channel): {k: float(stats[k][i]) for k in stats}
+                     for i, channel in enumerate(ds[cv.CHANNEL].values)}
+    st.update_metadata(output, statistics=channel_stats,
+                       variable_statistics=pooled_statistics(stats, groups), complete=True)
+    log.info("%s complete", output)

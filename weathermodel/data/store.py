@@ -1,0 +1,172 @@
+"""The training store: one zarr v3 group that a model reads without looking anything else up.
+
+Layout (all float32, chunked one time step per chunk so that one state is one read)::
+
+    state     (time, number, channel, latitude, longitude)
+    forcings  (time, forcing, latitude, longitude)   computed from solar geometry and time
+    static    (static, latitude, longitude)          grid fields + static fields of the source
+    consecutive (time)  bool, True when the previous time is exactly one step earlier
+    mean, std, min, max, tendency_std (channel)      statistics, written last
+    forcing_mean, forcing_std (forcing); static_mean, static_std (static)
+
+The group attribute ``weathermodel`` holds the metadata (format version, variables, levels,
+units, grid, time step, sources with checksums, package version, configuration, conversion
+notes, per-variable statistics) and ``complete``, set only once the statistics are final.
+The store opens in xarray as it is (``xr.open_zarr(path)``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from weathermodel import conventions as cv
+from weathermodel.errors import StoreError
+
+FORMAT_VERSION = 1
+PROGRESS_FILE = ".weathermodel_progress.json"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that a reader sees the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=1, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class StoreLayout:
+    """Everything needed to create an empty store."""
+
+    times: np.ndarray
+    members: np.ndarray
+    channels: list[str]
+    channel_variables: list[str]
+    channel_levels: list[float]
+    latitude: np.ndarray
+    longitude: np.ndarray
+    static_names: list[str]
+    compressor: str
+
+
+def _encoding(layout: StoreLayout) -> dict[str, dict]:
+    compressors = None if layout.compressor == "none" else [
+        {"name": "zstd", "configuration": {"level": 3, "checksum": False}}]
+    n_channel, n_forcing = len(layout.channels), len(cv.FORCING_NAMES)
+    shape = (layout.latitude.size, layout.longitude.size)
+    return {
+        "state": {"chunks": (1, 1, n_channel, *shape), "compressors": compressors},
+        "forcings": {"chunks": (1, n_forcing, *shape), "compressors": compressors},
+        "statics": {"chunks": (len(layout.static_names), *shape), "compressors": compressors},
+        "time": {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian",
+                 "dtype": "int64"},
+    }
+
+
+def create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> None:
+    """Write the empty store (metadata, coordinates, unfilled arrays) with ``complete=False``."""
+    import dask.array as da
+
+    n_time, n_member = layout.times.size, layout.members.size
+    shape = (layout.latitude.size, layout.longitude.size)
+    dims_state = (cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
+    template = xr.Dataset(
+        {
+            "state": (dims_state, da.zeros((n_time, n_member, len(layout.channels), *shape),
+                                           dtype="float32", chunks=-1)),
+            "forcings": ((cv.TIME, "forcing", cv.LATITUDE, cv.LONGITUDE),
+                         da.zeros((n_time, len(cv.FORCING_NAMES), *shape), dtype="float32",
+                                  chunks=-1)),
+            "statics": (("static", cv.LATITUDE, cv.LONGITUDE),
+                       da.zeros((len(layout.static_names), *shape), dtype="float32", chunks=-1)),
+        },
+        coords={
+            cv.TIME: layout.times,
+            cv.MEMBER: layout.members,
+            cv.CHANNEL: np.asarray(layout.channels, dtype=object),
+            "channel_variable": (cv.CHANNEL, np.asarray(layout.channel_variables, dtype=object)),
+            "channel_level": (cv.CHANNEL, np.asarray(layout.channel_levels, dtype="float64")),
+            "forcing": np.asarray(cv.FORCING_NAMES, dtype=object),
+            "static": np.asarray(layout.static_names, dtype=object),
+            cv.LATITUDE: (cv.LATITUDE, layout.latitude, {"units": "degrees_north",
+                                                         "standard_name": "latitude"}),
+            cv.LONGITUDE: (cv.LONGITUDE, layout.longitude, {"units": "degrees_east",
+                                                            "standard_name": "longitude"}),
+        },
+        attrs={"weathermodel": {**metadata, "complete": False},
+               "Conventions": "CF-1.8"},
+    )
+    template.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False,
+                     encoding=_encoding(layout))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The ``weathermodel`` metadata of a store, or None when the path is not such a store."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        return None
+    return dict(group.attrs.get("weathermodel", {})) or None
+
+
+def update_metadata(path: str | Path, **changes: Any) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    metadata = dict(group.attrs["weathermodel"])
+    metadata.update(changes)
+    group.attrs["weathermodel"] = metadata
+
+
+def write_array(path: str | Path, name: str, values: np.ndarray, dims: tuple[str, ...],
+                index: tuple[slice, ...] | None = None) -> None:
+    """Write values into an existing array, or create a small uncompressed one."""
+    group = zarr.open_group(str(path), mode="r+")
+    if name in group and index is not None:
+        group[name][index] = values
+        return
+    array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                               dimension_names=dims, overwrite=True, compressors=None)
+    array[...] = values
+
+
+def load_progress(path: Path) -> dict[str, Any]:
+    progress = path / PROGRESS_FILE
+    if not progress.exists():
+        return {}
+    return json.loads(progress.read_text())
+
+
+def save_progress(path: Path, payload: dict[str, Any]) -> None:
+    write_json_atomic(path / PROGRESS_FILE, payload)
+
+
+def remove_store(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def open_store(path: str | Path, require_complete: bool = True) -> xr.Dataset:
+    """Open a training store as an xarray Dataset, refusing incomplete or foreign stores."""
+    metadata = read_metadata(path)
+    if metadata is None:
+        raise StoreError("not a weathermodel training store (no 'weathermodel' metadata)",
+                         "create it with 'weathermodel prepare'", path=str(path))
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"store format version {metadata.get('format_version')} is not the "
+                         f"supported version {FORMAT_VERSION}",
+                         "re-create the store with this version of 'weathermodel prepare'",
+                         path=str(path))
+    if require_complete and not metadata.get("complete"):
+        raise StoreError("the store is incomplete (prepare was interrupted or failed)",
+                         "run the same 'weathermodel prepare' command again to finish it",
+                         path=str(path))
+    return xr.open_zarr(str(path), consolidated=False, chunks={})
