@@ -12,12 +12,13 @@ Layout (all float32, chunked one time step per chunk so that one state is one re
 The group attribute ``weathermodel`` holds the metadata (format version, variables, levels,
 units, grid, time step, sources with checksums, package version, configuration, conversion
 notes, per-variable statistics) and ``complete``, set only once the statistics are final.
-The store opens in xarray as it is (``xr.open_zarr(path)``).
+The attribute ``weathermodel_progress`` records the blocks written so far, so that an interrupted
+``prepare`` resumes. zarr's local store writes every chunk and ``zarr.json`` through a temporary
+file and a rename, so a reader never sees half a chunk. The store opens in xarray as it is
+(``xr.open_zarr(path)``).
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +32,7 @@ from weathermodel import conventions as cv
 from weathermodel.errors import StoreError
 
 FORMAT_VERSION = 1
-PROGRESS_FILE = ".weathermodel_progress.json"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that a reader sees the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+PROGRESS_ATTRIBUTE = "weathermodel_progress"
 
 
 @dataclass
@@ -139,14 +130,15 @@ def write_array(path: str | Path, name: str, values: np.ndarray, dims: tuple[str
 
 
 def load_progress(path: Path) -> dict[str, Any]:
-    progress = path / PROGRESS_FILE
-    if not progress.exists():
-        return {}
-    return json.loads(progress.read_text())
+    """Which blocks of an interrupted ``prepare`` are already written (group attribute)."""
+    group = zarr.open_group(str(path), mode="r")
+    return dict(group.attrs.get(PROGRESS_ATTRIBUTE, {}))
 
 
 def save_progress(path: Path, payload: dict[str, Any]) -> None:
-    write_json_atomic(path / PROGRESS_FILE, payload)
+    """Record progress; zarr's local store replaces ``zarr.json`` atomically."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs[PROGRESS_ATTRIBUTE] = payload
 
 
 def remove_store(path: Path) -> None:

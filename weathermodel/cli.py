@@ -1,0 +1,139 @@
+"""The ``weathermodel`` command: one subcommand per stage of the path."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from weathermodel import __version__
+from weathermodel.errors import WeatherModelError
+
+log = logging.getLogger("weathermodel")
+
+_NOT_YET = {
+    "train": "training (issue 5)",
+    "forecast": "batch forecasting (issue 6)",
+    "evaluate": "evaluation (issue 7)",
+    "demo": "the whole-path demo (issue 8)",
+}
+
+
+def _add_prepare(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="ingest reanalysis files into a training store",
+        description="Read netCDF, GRIB, zarr (paths, globs or URLs), convert to canonical names, "
+                    "units and grid order, and write a zarr v3 training store with statistics "
+                    "and forcings. Re-running the same command resumes an interrupted run.")
+    parser.add_argument("sources", nargs="*", help="input files, globs, zarr stores or URLs")
+    parser.add_argument("--config", help="YAML file with PrepareConfig options")
+    parser.add_argument("--out", "--output", dest="output", help="training store to write")
+    parser.add_argument("--variables", help="comma-separated canonical variables to keep")
+    parser.add_argument("--levels", help="comma-separated pressure levels (hPa) to keep")
+    parser.add_argument("--start", help="first time to keep (ISO)")
+    parser.add_argument("--end", help="last time to keep (ISO)")
+    parser.add_argument("--time-step", help="expected time step, e.g. 6h")
+    parser.add_argument("--on-gap", choices=["error", "skip"],
+                        help="irregular or missing steps: refuse (default) or skip windows")
+    parser.add_argument("--max-missing-fraction", type=float,
+                        help="largest fraction of NaN values allowed per variable")
+    parser.add_argument("--time-block", type=int, help="time steps written per task")
+    parser.add_argument("--compressor", choices=["none", "zstd"])
+    parser.add_argument("--dask-scheduler", help="address of a dask distributed scheduler")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing store made from other inputs")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help=argparse.SUPPRESS)
+
+
+def _split_sources_and_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    sources = [s for s in args.sources if "=" not in s or s.startswith(("http", "gs:", "s3:"))]
+    overrides = [s for s in args.sources if s not in sources] + list(args.overrides)
+    return sources, overrides
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from weathermodel.configuration import dump_config, load_config
+    from weathermodel.data.config import PrepareConfig
+    from weathermodel.data.prepare import prepare
+
+    sources, overrides = _split_sources_and_overrides(args)
+    flag_values = {
+        "output": args.output, "start": args.start, "end": args.end,
+        "time_step": args.time_step, "on_gap": args.on_gap,
+        "max_missing_fraction": args.max_missing_fraction, "time_block": args.time_block,
+        "compressor": args.compressor, "dask_scheduler": args.dask_scheduler,
+        "variables": args.variables.split(",") if args.variables else None,
+        "levels": [float(v) for v in args.levels.split(",")] if args.levels else None,
+    }
+    flag_overrides = [f"{key}={json.dumps(value)}" for key, value in flag_values.items()
+                      if value is not None]
+    if sources:
+        flag_overrides.append(f"sources={json.dumps([{'path': s} for s in sources])}")
+    config = load_config(PrepareConfig, args.config, flag_overrides + overrides)
+    print("# weathermodel prepare: effective configuration\n" + dump_config(config), flush=True)
+    path = prepare(config, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"store complete: {path}")
+    return 0
+
+
+def _add_inspect(subparsers: Any) -> None:
+    parser = subparsers.add_parser("inspect", help="print the metadata of a training store")
+    parser.add_argument("store")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from weathermodel.data.store import open_store
+
+    ds = open_store(args.store, require_complete=False)
+    metadata = ds.attrs["weathermodel"]
+    print(ds)
+    summary = {k: metadata[k] for k in ("complete", "channels", "grid", "time_step_seconds",
+                                         "time_range", "n_times", "n_members", "gaps")
+               if k in metadata}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weathermodel",
+                                     description="Data-driven weather prediction, reanalysis "
+                                                 "to scorecard.")
+    parser.add_argument("--version", action="version", version=f"weathermodel {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (conversions)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(subparsers)
+    _add_inspect(subparsers)
+    for name, what in _NOT_YET.items():
+        subparsers.add_parser(name, help=f"{what}: not yet available")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "prepare":
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command in _NOT_YET:
+        print(f"weathermodel {args.command}: {_NOT_YET[args.command]} is not yet available.",
+              file=sys.stderr)
+        return 3
+    handlers = {"prepare": run_prepare, "inspect": run_inspect}
+    try:
+        return handlers[args.command](args)
+    except WeatherModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
