@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 from torch.utils.data import Dataset
 
+from weathermodel.data.chunkread import TimeSliceReader, open_readers
 from weathermodel.data.config import DateRange, parse_time
 from weathermodel.data.store import open_store
 from weathermodel.data.timeaxis import window_starts
@@ -33,6 +33,7 @@ class StoreSummary:
     mean: np.ndarray
     std: np.ndarray
     tendency_std: np.ndarray
+    missing_fraction: np.ndarray
     forcing_mean: np.ndarray
     forcing_std: np.ndarray
     statics: np.ndarray
@@ -46,6 +47,7 @@ def read_summary(path: str | Path) -> StoreSummary:
         path=str(path), times=ds["time"].values, consecutive=ds["consecutive"].values.astype(bool),
         channels=[str(c) for c in ds["channel"].values], n_members=int(ds.sizes["number"]),
         mean=ds["mean"].values, std=ds["std"].values, tendency_std=ds["tendency_std"].values,
+        missing_fraction=ds["missing_fraction"].values,
         forcing_mean=ds["forcing_mean"].values, forcing_std=ds["forcing_std"].values,
         statics=ds["statics"].values, metadata=dict(ds.attrs["weathermodel"]))
 
@@ -73,7 +75,8 @@ class WindowDataset(Dataset):
         self.summary = summary or read_summary(store)
         self.store = str(store)
         self.history, self.rollout = history, rollout
-        self.fill_missing = fill_missing
+        # only pay for the NaN scan when the store has missing values
+        self.fill_missing = fill_missing and bool(np.any(self.summary.missing_fraction > 0))
         length = history + rollout
         starts = window_starts(self.summary.consecutive, length)
         if date_range is not None:
@@ -87,21 +90,20 @@ class WindowDataset(Dataset):
                 + (f" within {date_range.start}..{date_range.end}" if date_range else ""),
                 "widen the date range or shorten history/rollout", path=self.store)
         self.window_starts = starts
-        self._arrays: tuple[zarr.Array, zarr.Array] | None = None
+        self._readers: tuple[TimeSliceReader, TimeSliceReader] | None = None
 
     def __len__(self) -> int:
         return int(self.window_starts.size * self.summary.n_members)
 
-    def _open(self) -> tuple[zarr.Array, zarr.Array]:
-        # opened lazily in each worker process: zarr handles are not shared across forks
-        if self._arrays is None:
-            group = zarr.open_group(self.store, mode="r")
-            self._arrays = (group["state"], group["forcings"])
-        return self._arrays
+    def _open(self) -> tuple[TimeSliceReader, TimeSliceReader]:
+        # opened lazily in each worker process: handles are not shared across forks
+        if self._readers is None:
+            self._readers = open_readers(self.store, "state", "forcings")
+        return self._readers
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_arrays"] = None
+        state["_readers"] = None
         return state
 
     def init_time(self, index: int) -> np.datetime64:
@@ -112,17 +114,17 @@ class WindowDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        state_array, forcing_array = self._open()
+        state_reader, forcing_reader = self._open()
         start = int(self.window_starts[index // self.summary.n_members])
         member = index % self.summary.n_members
         stop = start + self.history + self.rollout
-        window = state_array[start:stop, member]
+        window = state_reader.read(start, stop, member)
         if self.fill_missing:
             missing = np.isnan(window)
-            if missing.any():
-                window = np.where(missing, self.summary.mean[None, :, None, None], window)
-        window = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))
-        forcings = torch.from_numpy(np.ascontiguousarray(forcing_array[start:stop]))
+            window[missing] = np.broadcast_to(self.summary.mean[None, :, None, None],
+                                              window.shape)[missing]
+        window = torch.from_numpy(window)
+        forcings = torch.from_numpy(forcing_reader.read(start, stop))
         return {
             "inputs": window[:self.history],
             "targets": window[self.history:],

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +48,8 @@ class Combined:
     channel_variables: list[str]
     channel_levels: list[float]
     notes: list[str]
+    #: the input file(s) each channel comes from, to name them in errors found while writing
+    channel_sources: list[str] = field(default_factory=list)
 
 
 def _check_same_grid(reference: CanonicalSource, other: CanonicalSource) -> None:
@@ -79,9 +81,15 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
     for other in sources[1:]:
         _check_same_grid(sources[0], other)
     pieces: dict[str, list[xr.DataArray]] = {}
+    origins: dict[str, list[str]] = {}
     for source in sources:
         for name, array in source.variables.items():
+            index = pd.DatetimeIndex(array[cv.TIME].values)
+            if index.has_duplicates or not index.is_monotonic_increasing:
+                # refuse here: selecting start..end on such an axis fails with a bare pandas error
+                inspect_time_axis(array[cv.TIME].values, None, source.path)
             pieces.setdefault(name, []).append(array)
+            origins.setdefault(name, []).append(source.path)
     wanted = list(config.variables) or [v for v in cv.VARIABLES if v in pieces]
     missing = [name for name in wanted if name not in pieces]
     if missing:
@@ -91,8 +99,11 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
     start = parse_time(config.start, "start") if config.start else None
     end = parse_time(config.end, "end") if config.end else None
     state_arrays, statics, channel_variables, channel_levels = [], [], [], []
+    channel_sources = []
     for name in wanted:
         info = cv.VARIABLES[name]
+        paths = list(dict.fromkeys(origins[name]))
+        where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} other file(s))"
         by_level: dict[float, list[xr.DataArray]] = {}
         for array in pieces[name]:
             if info.has_levels:
@@ -110,13 +121,17 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
                                 path=sources[0].path)
             levels = [lv for lv in levels if lv in config.levels]
         for level in levels:
-            array = _concat_time(by_level[level], name).sel({cv.TIME: slice(start, end)})
+            array = _concat_time(by_level[level], name)
+            if len(by_level[level]) > 1:  # overlapping files: name the duplicated times
+                inspect_time_axis(array[cv.TIME].values, None, where)
+            array = array.sel({cv.TIME: slice(start, end)})
             if info.kind == "static":
                 statics.append(array.isel({cv.TIME: 0, cv.MEMBER: 0}, drop=True).rename(name))
                 continue
             state_arrays.append(array)
             channel_variables.append(name)
             channel_levels.append(level)
+            channel_sources.append(where)
     if not state_arrays:
         raise DataError("only static fields found; nothing to train on",
                         "add time-varying variables", path=sources[0].path)
@@ -134,7 +149,7 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
     static = xr.concat(statics, dim="static").assign_coords(
         static=[s.name for s in statics]) if statics else None
     notes = [note for source in sources for note in source.notes]
-    return Combined(state, static, channel_variables, channel_levels, notes)
+    return Combined(state, static, channel_variables, channel_levels, notes, channel_sources)
 
 
 def _fingerprint(config: PrepareConfig, opened: list[OpenedSource]) -> str:
@@ -170,7 +185,9 @@ def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
             f"'{combined.state[cv.CHANNEL].values[channel]}' are missing (NaN) in the block from "
             f"{pd.Timestamp(times[t0])}; the limit max_missing_fraction is {limit:.1%}",
             "fill or mask the missing values, or raise max_missing_fraction if they are "
-            "expected (e.g. outside a regional domain)", path=path, variable=variable)
+            "expected (e.g. outside a regional domain)",
+            path=combined.channel_sources[channel] if combined.channel_sources else path,
+            variable=variable)
 
 
 def _metadata(config: PrepareConfig, combined: Combined, report: TimeAxisReport,
@@ -223,12 +240,18 @@ def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> str:
     """Decide what to do with an existing output: 'create', 'resume' or 'done'."""
     if not output.exists():
         return "create"
-    metadata = st.read_metadata(output)
+    metadata = st.read_metadata(output) if output.is_dir() else None
     if metadata is not None and metadata.get("fingerprint") == fingerprint and not overwrite:
         return "done" if metadata.get("complete") else "resume"
+    if metadata is None and (not output.is_dir() or any(output.iterdir())):
+        # --overwrite replaces weathermodel stores only, never a file or a folder of other things
+        raise StoreError("the output path already holds something that is not a weathermodel "
+                         "store; it is left untouched (--overwrite replaces only stores)",
+                         "choose another output path, or move what is there out of the way",
+                         path=str(output))
     if not overwrite:
         what = ("a store made from other inputs or options" if metadata is not None
-                else "something that is not a weathermodel store")
+                else "an empty folder")
         raise StoreError(f"the output path already holds {what}; it is left untouched",
                          "choose another output path, or pass --overwrite to replace it",
                          path=str(output))

@@ -5,11 +5,11 @@ import dask
 import dask.array as da
 import numpy as np
 
-STAT_NAMES = ("mean", "std", "min", "max", "tendency_std")
+STAT_NAMES = ("mean", "std", "min", "max", "tendency_std", "missing_fraction")
 
 
 def channel_statistics(state: da.Array, consecutive: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, std, min, max and tendency std of every channel, ignoring NaN.
+    """Mean, std, min, max, tendency std and missing (NaN) fraction of every channel.
 
     Parameters
     ----------
@@ -30,7 +30,8 @@ def channel_statistics(state: da.Array, consecutive: np.ndarray) -> dict[str, np
     tendency = da.where(keep, tendency, np.nan)
     results = dask.compute(da.nanmean(values, axis=axes), da.nanstd(values, axis=axes),
                            da.nanmin(values, axis=axes), da.nanmax(values, axis=axes),
-                           da.nanstd(tendency, axis=axes))
+                           da.nanstd(tendency, axis=axes),
+                           da.isnan(state).mean(axis=axes))
     return dict(zip(STAT_NAMES, (np.asarray(r, dtype="float64") for r in results)))
 
 

@@ -6,7 +6,7 @@ Layout (all float32, chunked one time step per chunk so that one state is one re
     forcings  (time, forcing, latitude, longitude)   computed from solar geometry and time
     static    (static, latitude, longitude)          grid fields + static fields of the source
     consecutive (time)  bool, True when the previous time is exactly one step earlier
-    mean, std, min, max, tendency_std (channel)      statistics, written last
+    mean, std, min, max, tendency_std, missing_fraction (channel)   statistics, written last
     forcing_mean, forcing_std (forcing); static_mean, static_std (static)
 
 The group attribute ``weathermodel`` holds the metadata (format version, variables, levels,
