@@ -105,8 +105,9 @@ def decode_time(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[str]) -
             stamp = parse_time(spec.assume_time, "assume_time")
             notes.append(f"{path}: no time axis; assumed time {stamp}")
             return ds.drop_vars("time", errors="ignore").expand_dims(time=[stamp.to_datetime64()])
-        raise DataError("the source has no time dimension",
-                        "give the source an assume_time (one state) or select a time", path=path)
+        raise DataError(f"the source has no time dimension (dimensions: {sorted(map(str, ds.dims))})",
+                        "give the source an assume_time (one state); select one value of any "
+                        "other leading dimension with select: {DIM: VALUE}", path=path)
 
     values = ds[name].values
     if not np.issubdtype(values.dtype, np.datetime64):
@@ -248,7 +249,7 @@ def normalise_levels(ds: xr.Dataset, original_name: str | None, path: str,
     elif normalised != "hPa":
         raise DataError(f"level units {units!r} are not pressure (Pa or hPa)",
                         "only pressure levels are supported", path=path)
-    return ds.assign_coords({cv.LEVEL: values})
+    return ds.assign_coords({cv.LEVEL: values}).sortby(cv.LEVEL)
 
 
 def _original_level_name(ds: xr.Dataset) -> str | None:

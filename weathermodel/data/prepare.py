@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+import zarr
 from tqdm.auto import tqdm
 
 import weathermodel
@@ -50,6 +51,9 @@ class Combined:
     notes: list[str]
     #: the input file(s) each channel comes from, to name them in errors found while writing
     channel_sources: list[str] = field(default_factory=list)
+
+
+_NO_LEVEL = float("nan")  # the level key of single-level variables
 
 
 def _check_same_grid(reference: CanonicalSource, other: CanonicalSource) -> None:
@@ -103,7 +107,7 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
     for name in wanted:
         info = cv.VARIABLES[name]
         paths = list(dict.fromkeys(origins[name]))
-        where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} other file(s))"
+        where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} other files)"
         by_level: dict[float, list[xr.DataArray]] = {}
         for array in pieces[name]:
             if info.has_levels:
@@ -111,7 +115,9 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
                     by_level.setdefault(float(level), []).append(
                         array.sel({cv.LEVEL: level}).drop_vars(cv.LEVEL))
             else:
-                by_level.setdefault(float("nan"), []).append(array)
+                # one shared NaN object: float("nan") != float("nan"), so a fresh one per
+                # source would make a separate channel of every file of a single-level variable
+                by_level.setdefault(_NO_LEVEL, []).append(array)
         levels = sorted(by_level)
         if info.has_levels and config.levels:
             absent = [lv for lv in config.levels if lv not in by_level]
@@ -328,25 +334,28 @@ def _write_blocks(output: Path, combined: Combined, report: TimeAxisReport,
 
 def _finalise(output: Path, combined: Combined) -> None:
     """Statistics in one streaming pass, then mark the store complete."""
+    group = zarr.open_group(str(output), mode="r")
     bytes_per_time = combined.state.isel({cv.TIME: 0}).size * 4
     steps_per_task = max(1, min(combined.state.sizes[cv.TIME], (64 << 20) // bytes_per_time))
-    ds = xr.open_zarr(str(output), consolidated=False, chunks={cv.TIME: steps_per_task})
-    consecutive = ds["consecutive"].values.astype(bool)
-    stats = channel_statistics(ds["state"].data, consecutive)
+    # one dask task reads several stored chunks (one per time step): few tasks, bounded memory
+    state = da.from_zarr(group["state"], chunks=(steps_per_task, *group["state"].shape[1:]))
+    stats = channel_statistics(state, group["consecutive"][:].astype(bool))
     for name, values in stats.items():
         st.write_array(output, name, values, (cv.CHANNEL,))
-    forcings = ds["forcings"].data.astype("float64")
+    forcings = da.from_zarr(group["forcings"],
+                            chunks=(steps_per_task, *group["forcings"].shape[1:]))
+    forcings = forcings.astype("float64")
     f_mean, f_std = dask.compute(forcings.mean(axis=(0, 2, 3)), forcings.std(axis=(0, 2, 3)))
     st.write_array(output, "forcing_mean", np.asarray(f_mean), ("forcing",))
     st.write_array(output, "forcing_std", np.asarray(f_std), ("forcing",))
-    static = ds["statics"].values.astype("float64")
+    static = group["statics"][:].astype("float64")
     st.write_array(output, "static_mean", static.mean(axis=(1, 2)), ("static",))
     st.write_array(output, "static_std", static.std(axis=(1, 2)), ("static",))
     groups: dict[str, list[int]] = {}
     for index, variable in enumerate(combined.channel_variables):
         groups.setdefault(variable, []).append(index)
     channel_stats = {str(channel): {k: float(stats[k][i]) for k in stats}
-                     for i, channel in enumerate(ds[cv.CHANNEL].values)}
+                     for i, channel in enumerate(combined.state[cv.CHANNEL].values)}
     st.update_metadata(output, statistics=channel_stats,
                        variable_statistics=pooled_statistics(stats, groups), complete=True)
     log.info("%s complete", output)
