@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from weathermodel.configuration import from_dict
@@ -22,37 +21,7 @@ from weathermodel.data.config import PrepareConfig
 from weathermodel.data.dataset import WindowDataset
 from weathermodel.data.prepare import prepare
 
-LEVELS = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]
-LEVEL_VARIABLES = {"temperature": ("K", 250.0, 20.0), "geopotential": ("m2 s-2", 5.0e4, 1.0e3),
-                   "u_component_of_wind": ("m s-1", 5.0, 10.0),
-                   "v_component_of_wind": ("m s-1", 0.0, 10.0),
-                   "specific_humidity": ("kg kg-1", 5e-3, 1e-3)}
-SURFACE_VARIABLES = {"2m_temperature": ("K", 280.0, 15.0),
-                     "10m_u_component_of_wind": ("m s-1", 0.0, 5.0),
-                     "10m_v_component_of_wind": ("m s-1", 0.0, 5.0),
-                     "mean_sea_level_pressure": ("Pa", 1.01e5, 1.0e3),
-                     "total_precipitation_6hr": ("m", 1e-3, 1e-4)}
-
-
-def synthetic_source(n_times: int, path: Path) -> None:
-    rng = np.random.default_rng(0)
-    lat = np.linspace(-90, 90, 121)
-    lon = np.arange(240) * 1.5
-    times = pd.date_range("2020-01-01", periods=n_times, freq="6h")
-    data = {}
-    for name, (units, mean, std) in LEVEL_VARIABLES.items():
-        values = mean + std * rng.standard_normal((n_times, len(LEVELS), 121, 240), "float32")
-        if name == "geopotential":  # keep geopotential plausible at every level
-            height = 44330.8 * (1 - (np.array(LEVELS) / 1013.25) ** 0.190263) * 9.80665
-            values = values - mean + height[None, :, None, None]
-        data[name] = (("time", "level", "latitude", "longitude"), values, {"units": units})
-    for name, (units, mean, std) in SURFACE_VARIABLES.items():
-        values = np.abs(mean + std * rng.standard_normal((n_times, 121, 240), "float32"))
-        data[name] = (("time", "latitude", "longitude"), values, {"units": units})
-    ds = xr.Dataset(data, coords={"time": times, "level": ("level", LEVELS, {"units": "hPa"}),
-                                  "latitude": lat, "longitude": lon})
-    ds.to_zarr(path, zarr_format=3, consolidated=False)
-
+from _synthetic import synthetic_source
 
 def time_it(read, starts: np.ndarray) -> float:
     begin = time.perf_counter()

@@ -348,9 +348,6 @@ def test_truncated_netcdf4_copy_is_refused_cli(ncep: xr.Dataset, tmp_path: Path)
     assert_explains(assert_cli_refuses(result), path, "truncated", fix=("re-download",))
 
 
-@pytest.mark.xfail(strict=True, reason="sources.py does not check the size of a netCDF3 file "
-                   "against its header: netCDF-C reads the missing bytes as zeros, and the "
-                   "error blames the latitude coordinate instead of the truncation")
 def test_truncated_netcdf3_copy_is_refused(ncep: xr.Dataset, tmp_path: Path) -> None:
     copy = _write(ncep.isel(time=slice(0, 40)), tmp_path / "copy3.nc", format="NETCDF3_CLASSIC")
     path = _truncate(copy, tmp_path / "copy3_truncated.nc")
@@ -490,9 +487,6 @@ def test_input_refused_while_writing_leaves_an_existing_store_untouched(
     assert tree_hash(good_store) == before
 
 
-@pytest.mark.xfail(strict=True, reason="with --overwrite, prepare deletes the existing store "
-                   "before it writes the new one, so an input refused while writing (too many "
-                   "NaNs) leaves an incomplete store in place of the good one")
 def test_overwrite_with_input_refused_while_writing_keeps_the_old_store(
         good_store: Path, ncep_with_nans: Path, tmp_path: Path) -> None:
     before = tree_hash(good_store)

@@ -225,3 +225,26 @@ def test_multi_file_storm_config(data_dir: Path, tmp_path: Path) -> None:
     assert ds.sizes["time"] == 64 and str(ds["time"].values[0])[:13] == "1996-01-05T00"
     assert np.isnan(ds["state"].values).any()  # missing corners kept as NaN
     assert np.isfinite(ds["mean"].values).all()  # statistics ignore them
+
+
+def test_raising_the_missing_limit_resumes_the_refused_store(ncep_file: Path,
+                                                             tmp_path: Path) -> None:
+    ds = xr.open_dataset(ncep_file).isel(time=slice(0, 16)).load()
+    ds["air"][10:, :10, :] = np.nan  # 40 % missing in the second block only
+    ds.to_netcdf(tmp_path / "late_nans.nc")
+    out = tmp_path / "s.zarr"
+    options = {"time_block": 8}
+    with pytest.raises(Exception, match="max_missing_fraction"):
+        prepare(make_config(tmp_path / "late_nans.nc", out, **options), progress=False)
+    assert sorted(map(str, load_progress(out)["blocks_done"])) == ["0", "static"]  # block 0 kept
+    prepare(make_config(tmp_path / "late_nans.nc", out, max_missing_fraction=0.5, **options),
+            progress=False)
+    assert open_store(out)["missing_fraction"].values[0] == pytest.approx(6 * 10 / (16 * 25))
+
+
+def test_overwrite_builds_beside_and_swaps_in(ncep_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    prepare(make_config(ncep_file, out, end="2013-01-02"), progress=False)
+    prepare(make_config(ncep_file, out, end="2013-01-04"), overwrite=True, progress=False)
+    assert open_store(out).sizes["time"] == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no .partial left

@@ -8,6 +8,7 @@ output (stores, checkpoints).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from pathlib import Path
@@ -69,6 +70,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                               "write it as a YAML mapping")
         return from_dict(tp, value, where)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r}", "give a number")
         return float(value)
@@ -84,6 +90,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()  # YAML reads unquoted 2013-01-01 as a date
         if not isinstance(value, str):
             raise ConfigError(f"'{where}' must be a string, got {value!r}", "give a string")
         return value
@@ -171,7 +179,12 @@ def load_config(cls: type[T], path: str | Path | None = None,
             raise ConfigError("the top level must be a mapping", "write key: value pairs",
                               path=str(path))
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as error:
+        if path is None or error.path:
+            raise
+        raise ConfigError(error.problem, error.fix, path=str(path)) from error
 
 
 def dump_config(config: Any) -> str:

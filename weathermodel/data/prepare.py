@@ -160,7 +160,9 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
 
 def _fingerprint(config: PrepareConfig, opened: list[OpenedSource]) -> str:
     relevant = config_to_dict(config)
-    for key in ("output", "dask_scheduler"):
+    # options that change neither the values nor the layout of the store: changing them
+    # resumes the same store
+    for key in ("output", "dask_scheduler", "max_missing_fraction"):
         relevant.pop(key, None)
     relevant["checksums"] = [source.checksum for source in opened]
     relevant["format_version"] = st.FORMAT_VERSION
@@ -191,7 +193,8 @@ def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
             f"'{combined.state[cv.CHANNEL].values[channel]}' are missing (NaN) in the block from "
             f"{pd.Timestamp(times[t0])}; the limit max_missing_fraction is {limit:.1%}",
             "fill or mask the missing values, or raise max_missing_fraction if they are "
-            "expected (e.g. outside a regional domain)",
+            "expected (e.g. outside a regional domain); the same command with the new limit "
+            "resumes the partly written store",
             path=combined.channel_sources[channel] if combined.channel_sources else path,
             variable=variable)
 
@@ -242,13 +245,21 @@ def _open_all(config: PrepareConfig) -> tuple[list[OpenedSource], list[Canonical
     return opened, canonical
 
 
-def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> str:
-    """Decide what to do with an existing output: 'create', 'resume' or 'done'."""
+def _partial_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> tuple[str, Path]:
+    """Decide what to do and where: ('create' | 'resume' | 'done', path to write).
+
+    A store being replaced (``--overwrite``) is rebuilt beside it, in ``<output>.partial``,
+    and swapped in only when complete, so a failure never costs the existing store.
+    """
     if not output.exists():
-        return "create"
+        return "create", output
     metadata = st.read_metadata(output) if output.is_dir() else None
     if metadata is not None and metadata.get("fingerprint") == fingerprint and not overwrite:
-        return "done" if metadata.get("complete") else "resume"
+        return ("done" if metadata.get("complete") else "resume"), output
     if metadata is None and (not output.is_dir() or any(output.iterdir())):
         # --overwrite replaces weathermodel stores only, never a file or a folder of other things
         raise StoreError("the output path already holds something that is not a weathermodel "
@@ -261,7 +272,23 @@ def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> str:
         raise StoreError(f"the output path already holds {what}; it is left untouched",
                          "choose another output path, or pass --overwrite to replace it",
                          path=str(output))
-    return "create"
+    if metadata is None:  # an empty folder
+        output.rmdir()
+        return "create", output
+    partial = _partial_path(output)
+    partial_metadata = st.read_metadata(partial) if partial.is_dir() else None
+    if partial_metadata is not None and partial_metadata.get("fingerprint") == fingerprint:
+        return "resume", partial
+    return "create", partial
+
+
+def _swap_into_place(partial: Path, output: Path) -> None:
+    """Replace ``output`` by the complete store at ``partial`` (directory renames)."""
+    retired = output.with_name(output.name + ".replaced")
+    st.remove_store(retired)
+    output.rename(retired)
+    partial.rename(output)
+    st.remove_store(retired)
 
 
 def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True) -> Path:
@@ -279,13 +306,12 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     for note in combined.notes:
         log.info(note)
     fingerprint = _fingerprint(config, opened)
-    action = _prepare_target(output, fingerprint, overwrite)
+    action, work = _prepare_target(output, fingerprint, overwrite)
     if action == "done":
         log.info("%s is already complete; nothing to do", output)
         return output
     if action == "create":
-        if output.exists():
-            st.remove_store(output)
+        st.remove_store(work)  # only ever a stale <output>.partial
         metadata = _metadata(config, combined, report, opened, fingerprint)
         state = combined.state
         layout = st.StoreLayout(
@@ -293,11 +319,13 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
             channel_variables=combined.channel_variables, channel_levels=combined.channel_levels,
             latitude=state[cv.LATITUDE].values, longitude=state[cv.LONGITUDE].values,
             static_names=metadata["statics"], compressor=config.compressor)
-        st.create_store(output, layout, metadata)
-        st.save_progress(output, {"fingerprint": fingerprint, "blocks_done": []})
+        st.create_store(work, layout, metadata)
+        st.save_progress(work, {"fingerprint": fingerprint, "blocks_done": []})
     with dask_context(config.dask_scheduler):
-        _write_blocks(output, combined, report, config, progress)
-        _finalise(output, combined)
+        _write_blocks(work, combined, report, config, progress)
+        _finalise(work, combined)
+    if work != output:
+        _swap_into_place(work, output)
     return output
 
 
@@ -336,18 +364,14 @@ def _finalise(output: Path, combined: Combined) -> None:
     """Statistics in one streaming pass, then mark the store complete."""
     group = zarr.open_group(str(output), mode="r")
     bytes_per_time = combined.state.isel({cv.TIME: 0}).size * 4
-    steps_per_task = max(1, min(combined.state.sizes[cv.TIME], (64 << 20) // bytes_per_time))
-    # one dask task reads several stored chunks (one per time step): few tasks, bounded memory
-    state = da.from_zarr(group["state"], chunks=(steps_per_task, *group["state"].shape[1:]))
-    stats = channel_statistics(state, group["consecutive"][:].astype(bool))
+    steps_per_task = max(1, min(combined.state.sizes[cv.TIME], (16 << 20) // bytes_per_time))
+    consecutive = group["consecutive"][:].astype(bool)
+    stats = channel_statistics(group["state"], consecutive, steps_per_task)
     for name, values in stats.items():
         st.write_array(output, name, values, (cv.CHANNEL,))
-    forcings = da.from_zarr(group["forcings"],
-                            chunks=(steps_per_task, *group["forcings"].shape[1:]))
-    forcings = forcings.astype("float64")
-    f_mean, f_std = dask.compute(forcings.mean(axis=(0, 2, 3)), forcings.std(axis=(0, 2, 3)))
-    st.write_array(output, "forcing_mean", np.asarray(f_mean), ("forcing",))
-    st.write_array(output, "forcing_std", np.asarray(f_std), ("forcing",))
+    forcing_stats = channel_statistics(group["forcings"], consecutive, steps_per_task)
+    st.write_array(output, "forcing_mean", forcing_stats["mean"], ("forcing",))
+    st.write_array(output, "forcing_std", forcing_stats["std"], ("forcing",))
     static = group["statics"][:].astype("float64")
     st.write_array(output, "static_mean", static.mean(axis=(1, 2)), ("static",))
     st.write_array(output, "static_std", static.std(axis=(1, 2)), ("static",))

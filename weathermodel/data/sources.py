@@ -166,7 +166,32 @@ def chunk_by_time(ds: xr.Dataset, steps: int = 8) -> xr.Dataset:
     return ds.chunk({dim: (steps if dim in time_like else -1) for dim in ds.dims})
 
 
+def check_netcdf3_integrity(path: str) -> None:
+    """Refuse a classic netCDF (CDF-1/CDF-2) file shorter than its header says.
+
+    The netCDF-C library reads the missing bytes of a truncated classic file as zeros, so the
+    damage would surface later as nonsense values. scipy's reader maps every variable at the
+    offset the header gives and fails when the file ends too early.
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic not in (b"CDF\x01", b"CDF\x02"):
+        return
+    from scipy.io import netcdf_file
+
+    try:
+        nc = netcdf_file(path, "r", mmap=True, maskandscale=False)  # maps, reads nothing
+        nc.variables.clear()  # drop the mapped arrays so the file closes cleanly
+        nc.close()
+    except (ValueError, TypeError, OSError, IndexError) as error:
+        size = os.path.getsize(path)
+        raise DataError(f"the file is truncated or corrupt: its header describes more data than "
+                        f"its {size} bytes hold ({error})", "re-download or re-export the file",
+                        path=path) from error
+
+
 def _open_netcdf(path: str) -> xr.Dataset:
+    check_netcdf3_integrity(path)
     try:
         ds = xr.open_dataset(path, decode_times=True, mask_and_scale=True)
     except ValueError as error:

@@ -1,38 +1,118 @@
-"""Per-channel statistics of a store in one streaming dask pass (memory bounded by chunks)."""
+"""Per-channel statistics of a store in one streaming pass, with memory bounded by one block.
+
+Each block of time steps is reduced (by a dask task, on a cluster when one is active) to
+partial moments per channel: count, mean, sum of squared deviations, min, max and NaN count,
+for the values and for their one-step tendencies. Partials are merged with Chan et al.'s
+parallel update, a batch at a time, so memory does not depend on the length of the record and
+each state is read once (tendencies at a block boundary read one extra state).
+"""
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import dask
-import dask.array as da
 import numpy as np
+import zarr
 
 STAT_NAMES = ("mean", "std", "min", "max", "tendency_std", "missing_fraction")
 
 
-def channel_statistics(state: da.Array, consecutive: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, std, min, max, tendency std and missing (NaN) fraction of every channel.
+@dataclass
+class Moments:
+    """Partial moments per channel (arrays of shape (channel,), float64)."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    minimum: np.ndarray
+    maximum: np.ndarray
+    missing: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray, axes: tuple[int, ...]) -> "Moments":
+        """Moments of ``values`` reduced over ``axes`` (NaN ignored, counted as missing)."""
+        finite = ~np.isnan(values)
+        count = finite.sum(axis=axes).astype("float64")
+        total = np.where(finite, values, 0.0).sum(axis=axes, dtype="float64")
+        mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        shape = [1] * values.ndim
+        shape[2] = -1
+        deviation = np.where(finite, values - mean.reshape(shape), 0.0)
+        m2 = (deviation.astype("float64") ** 2).sum(axis=axes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels
+            minimum = np.where(count > 0, np.nanmin(values, axis=axes), np.inf)
+            maximum = np.where(count > 0, np.nanmax(values, axis=axes), -np.inf)
+        missing = (~finite).sum(axis=axes).astype("float64")
+        return cls(count, mean, m2, minimum.astype("float64"), maximum.astype("float64"),
+                   missing)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Chan et al. (1979) pairwise combination of two partial moments."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        safe = np.where(count > 0, count, 1.0)
+        mean = self.mean + delta * other.count / safe
+        m2 = self.m2 + other.m2 + delta ** 2 * self.count * other.count / safe
+        return Moments(count, mean, m2, np.minimum(self.minimum, other.minimum),
+                       np.maximum(self.maximum, other.maximum), self.missing + other.missing)
+
+
+def _block_moments(array: zarr.Array, start: int, stop: int,
+                   consecutive: np.ndarray) -> tuple[Moments, Moments | None]:
+    """Moments of states ``start..stop-1`` and of the tendencies ending in them."""
+    first = max(start - 1, 0)
+    values = np.asarray(array[first:stop], dtype="float32")
+    if values.ndim == 4:  # (time, channel, lat, lon) arrays such as forcings
+        values = values[:, None]
+    states = values[start - first:]
+    axes = (0, 1, 3, 4)
+    tendency = values[1:] - values[:-1]
+    keep = consecutive[first + 1:stop]
+    tendency_moments = Moments.of(tendency[keep], axes) if keep.any() else None
+    return Moments.of(states, axes), tendency_moments
+
+
+def channel_statistics(array: zarr.Array, consecutive: np.ndarray, steps_per_task: int,
+                       tasks_per_batch: int = 64) -> dict[str, np.ndarray]:
+    """Mean, std, min, max, tendency std and missing fraction of every channel.
 
     Parameters
     ----------
-    state : dask array (time, number, channel, latitude, longitude).
+    array : the store's ``state`` array (time, number, channel, latitude, longitude), or an
+        array without the member dimension (``forcings``).
     consecutive : bool per time, True where the previous time is exactly one step earlier;
-        tendencies (``x[t] - x[t-1]``) are only taken there, so gaps do not pollute them.
+        tendencies ``x[t] - x[t-1]`` are only taken there, so gaps do not pollute them.
+    steps_per_task : time steps read by one task (bounds memory per task).
+    tasks_per_batch : tasks computed together before their partials are merged.
 
     Returns
     -------
-    dict of float64 arrays of shape (channel,). Every reduction is built on the same graph and
-    computed together, so each chunk of the store is read once; dask combines per-chunk
-    partial moments, so memory does not grow with the length of the record.
+    dict of float64 arrays of shape (channel,); std is the population standard deviation.
     """
-    axes = (0, 1, 3, 4)
-    values = state.astype("float64")
-    tendency = values[1:] - values[:-1]
-    keep = da.from_array(consecutive[1:], chunks=(tendency.chunks[0],))[:, None, None, None, None]
-    tendency = da.where(keep, tendency, np.nan)
-    results = dask.compute(da.nanmean(values, axis=axes), da.nanstd(values, axis=axes),
-                           da.nanmin(values, axis=axes), da.nanmax(values, axis=axes),
-                           da.nanstd(tendency, axis=axes),
-                           da.isnan(state).mean(axis=axes))
-    return dict(zip(STAT_NAMES, (np.asarray(r, dtype="float64") for r in results)))
+    n_time = array.shape[0]
+    starts = list(range(0, n_time, steps_per_task))
+    total: Moments | None = None
+    tendency_total: Moments | None = None
+    block = dask.delayed(_block_moments, pure=True)
+    for batch_start in range(0, len(starts), tasks_per_batch):
+        tasks = [block(array, s, min(s + steps_per_task, n_time), consecutive)
+                 for s in starts[batch_start:batch_start + tasks_per_batch]]
+        for moments, tendency in dask.compute(*tasks):
+            total = moments if total is None else total.merge(moments)
+            if tendency is not None:
+                tendency_total = tendency if tendency_total is None else tendency_total.merge(
+                    tendency)
+    assert total is not None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(total.m2 / total.count)
+        tendency_std = (np.sqrt(tendency_total.m2 / tendency_total.count)
+                        if tendency_total is not None else np.full_like(std, np.nan))
+    mean = np.where(total.count > 0, total.mean, np.nan)
+    return {"mean": mean, "std": std, "min": total.minimum, "max": total.maximum,
+            "tendency_std": tendency_std,
+            "missing_fraction": total.missing / (total.count + total.missing)}
 
 
 def pooled_statistics(stats: dict[str, np.ndarray], groups: dict[str, list[int]]
@@ -40,7 +120,7 @@ def pooled_statistics(stats: dict[str, np.ndarray], groups: dict[str, list[int]]
     """Combine channel statistics into one set per variable (all its levels pooled).
 
     Every channel has the same number of values, so pooled moments are plain averages:
-    ``var = mean(std_c**2 + mean_c**2) - mean**2``.
+    ``var = mean(std_c**2 + mean_c**2) - mean**2``; tendency means are taken as zero.
     """
     pooled = {}
     for name, channels in groups.items():
