@@ -162,13 +162,19 @@ class DataConfig:
             raise ConfigError("'batch_size' must be at least 1", "give a positive integer")
 
 
+def _parse(parser, value: str, what: str, example: str):
+    try:
+        parsed = parser(value)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"'{what}' = {value!r} is not valid", f"write {example}") from error
+    if pd.isna(parsed):
+        raise ConfigError(f"'{what}' = {value!r} is not valid", f"write {example}")
+    return parsed
+
+
 def parse_time(value: str, what: str = "time") -> pd.Timestamp:
     """Parse an ISO time; naive times are UTC. Raises ConfigError naming ``what``."""
-    try:
-        stamp = pd.Timestamp(value)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"'{what}' = {value!r} is not a valid time",
-                          "write an ISO time such as 2013-01-01 or 2013-01-01T06") from error
+    stamp = _parse(pd.Timestamp, value, what, "an ISO time such as 2013-01-01 or 2013-01-01T06")
     if stamp.tzinfo is not None:
         stamp = stamp.tz_convert("UTC").tz_localize(None)
     return stamp
@@ -176,12 +182,4 @@ def parse_time(value: str, what: str = "time") -> pd.Timestamp:
 
 def parse_timedelta(value: str, what: str = "duration") -> pd.Timedelta:
     """Parse a duration such as ``6h``, ``1d`` or ``30min``."""
-    try:
-        delta = pd.Timedelta(value)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"'{what}' = {value!r} is not a valid duration",
-                          "write a duration such as 6h, 1d or 30min") from error
-    if pd.isna(delta):
-        raise ConfigError(f"'{what}' = {value!r} is not a valid duration",
-                          "write a duration such as 6h")
-    return delta
+    return _parse(pd.Timedelta, value, what, "a duration such as 6h, 1d or 30min")
