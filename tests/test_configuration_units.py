@@ -137,7 +137,8 @@ def test_registry_resolves_aliases_found_in_real_files() -> None:
     assert cv.lookup_variable("air", has_levels=False).name == "2m_temperature"
     assert cv.lookup_variable("air", has_levels=True).name == "temperature"
     assert cv.lookup_variable("air") is None  # ambiguous without the level information
-    assert cv.lookup_variable("z").name == "geopotential"
+    assert cv.lookup_variable("z", has_levels=True).name == "geopotential"
+    assert cv.lookup_variable("z", has_levels=False).name == "geopotential_at_surface"
     assert cv.lookup_variable("msl").name == "mean_sea_level_pressure"
     assert cv.lookup_variable("gh").name == "geopotential_height"
     assert cv.lookup_variable("no_such_thing") is None

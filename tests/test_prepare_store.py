@@ -248,3 +248,25 @@ def test_overwrite_builds_beside_and_swaps_in(ncep_file: Path, tmp_path: Path) -
     prepare(make_config(ncep_file, out, end="2013-01-04"), overwrite=True, progress=False)
     assert open_store(out).sizes["time"] == 13
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no .partial left
+
+
+def test_static_fields_of_the_source_are_stored(ncep_file: Path, tmp_path: Path) -> None:
+    """A land-sea mask and surface geopotential ('z' without levels, as in ERA5 single-level
+    files), time-invariant, stored in `statics` in canonical order."""
+    ds = xr.open_dataset(ncep_file).isel(time=slice(0, 8)).load()
+    rng = np.random.default_rng(0)
+    mask = (rng.random((25, 53)) > 0.5).astype("float32")
+    height = (rng.random((25, 53)) * 3000).astype("float32") * 9.80665
+    ds["lsm"] = (("lat", "lon"), mask, {"units": "(0 - 1)"})
+    ds["z"] = (("lat", "lon"), height, {"units": "m**2 s**-2"})
+    ds.to_netcdf(tmp_path / "with_statics.nc")
+    store = prepare(make_config(tmp_path / "with_statics.nc", tmp_path / "s.zarr"),
+                    progress=False)
+    out = open_store(store)
+    assert list(out["channel"].values) == ["2m_temperature"]
+    assert list(out["static"].values)[-2:] == ["land_sea_mask", "geopotential_at_surface"]
+    np.testing.assert_array_equal(out["statics"].sel(static="land_sea_mask").values,
+                                  mask[::-1])
+    np.testing.assert_allclose(out["statics"].sel(static="geopotential_at_surface").values,
+                               height[::-1], rtol=1e-6)
+    assert read_metadata(store)["statics"][-1] == "geopotential_at_surface"

@@ -108,7 +108,7 @@ _VARIABLES: tuple[VariableInfo, ...] = (
     VariableInfo("land_sea_mask", "land_binary_mask", "1", False, ("lsm", "sftlf", "land"),
                  (0.0, 1.0), kind="static"),
     VariableInfo("geopotential_at_surface", "surface_geopotential", "m2 s-2", False,
-                 ("orography", "orog", "zs"), (-5.0e3, 1.0e5), kind="static"),
+                 ("z", "orography", "orog", "zs"), (-5.0e3, 1.0e5), kind="static"),
 )
 
 VARIABLES: dict[str, VariableInfo] = {info.name: info for info in _VARIABLES}

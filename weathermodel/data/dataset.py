@@ -29,6 +29,10 @@ class StoreSummary:
     times: np.ndarray
     consecutive: np.ndarray
     channels: list[str]
+    channel_variables: list[str]
+    channel_levels: np.ndarray
+    latitude: np.ndarray
+    longitude: np.ndarray
     n_members: int
     mean: np.ndarray
     std: np.ndarray
@@ -45,7 +49,11 @@ def read_summary(path: str | Path) -> StoreSummary:
     ds = open_store(path)
     return StoreSummary(
         path=str(path), times=ds["time"].values, consecutive=ds["consecutive"].values.astype(bool),
-        channels=[str(c) for c in ds["channel"].values], n_members=int(ds.sizes["number"]),
+        channels=[str(c) for c in ds["channel"].values],
+        channel_variables=[str(v) for v in ds["channel_variable"].values],
+        channel_levels=ds["channel_level"].values.astype("float64"),
+        latitude=ds["latitude"].values, longitude=ds["longitude"].values,
+        n_members=int(ds.sizes["number"]),
         mean=ds["mean"].values, std=ds["std"].values, tendency_std=ds["tendency_std"].values,
         missing_fraction=ds["missing_fraction"].values,
         forcing_mean=ds["forcing_mean"].values, forcing_std=ds["forcing_std"].values,

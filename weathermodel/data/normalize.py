@@ -387,6 +387,14 @@ def to_canonical(ds: xr.Dataset, spec: SourceSpec, path: str) -> CanonicalSource
         if cv.LATITUDE not in array.dims or cv.LONGITUDE not in array.dims:
             raise DataError(f"variable has dims {array.dims}, not a latitude-longitude field",
                             "drop it from the source spec", path=path, variable=source_name)
+        if cv.TIME not in array.dims:
+            if info.kind != "static":
+                raise DataError(f"'{info.name}' has no time dimension, but it is not a static "
+                                "field", "give the variable a time axis, or map it to a static "
+                                "variable", path=path, variable=source_name)
+            array = array.expand_dims({cv.TIME: ds[cv.TIME].values[:1]})
+        if cv.MEMBER not in array.dims:
+            array = array.expand_dims({cv.MEMBER: ds[cv.MEMBER].values[:1]}, axis=1)
         if var_spec is not None and var_spec.level is not None:
             if cv.LEVEL in array.dims:
                 raise DataError("a level is given in the config but the variable has levels",

@@ -127,13 +127,14 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
                                 path=sources[0].path)
             levels = [lv for lv in levels if lv in config.levels]
         for level in levels:
+            if info.kind == "static":  # time-invariant: the first source's first time
+                first = by_level[level][0].isel({cv.TIME: 0, cv.MEMBER: 0}, drop=True)
+                statics.append(first.rename(name))
+                continue
             array = _concat_time(by_level[level], name)
             if len(by_level[level]) > 1:  # overlapping files: name the duplicated times
                 inspect_time_axis(array[cv.TIME].values, None, where)
             array = array.sel({cv.TIME: slice(start, end)})
-            if info.kind == "static":
-                statics.append(array.isel({cv.TIME: 0, cv.MEMBER: 0}, drop=True).rename(name))
-                continue
             state_arrays.append(array)
             channel_variables.append(name)
             channel_levels.append(level)
