@@ -26,6 +26,14 @@ def test_shipped_prepare_configs_validate(name: str) -> None:
     assert config.sources and config.output
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (PROJECT / "configs").glob("model_*")))
+def test_shipped_model_configs_validate(name: str) -> None:
+    from weathermodel.models.config import ModelConfig
+
+    config = load_config(ModelConfig, PROJECT / "configs" / name)
+    assert config.kind in name
+
+
 def test_round_trip_through_yaml() -> None:
     config = from_dict(PrepareConfig, {
         "sources": [{"path": "a.nc", "variables": {"t": {"name": "temperature", "units": "K"}}}],
