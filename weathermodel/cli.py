@@ -13,7 +13,6 @@ from weathermodel.errors import WeatherModelError
 log = logging.getLogger("weathermodel")
 
 _NOT_YET = {
-    "train": "training (issue 5)",
     "forecast": "batch forecasting (issue 6)",
     "evaluate": "evaluation (issue 7)",
     "demo": "the whole-path demo (issue 8)",
@@ -79,6 +78,33 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a forecaster on a training store",
+        description="Train on 1..N processes and nodes (launch under torchrun or srun for "
+                    "several). Prints the full configuration, shows progress, logs to CSV and "
+                    "TensorBoard in run_dir, and checkpoints atomically.")
+    parser.add_argument("--config", required=True, help="YAML file with TrainConfig options")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="override options, e.g. optim.max_steps=500 data.batch_size=8")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from weathermodel.configuration import load_config
+    from weathermodel.training.config import TrainConfig
+    from weathermodel.training.loop import train
+
+    config = load_config(TrainConfig, args.config, list(args.overrides))
+    metrics = train(config, resume=args.resume, progress=not args.no_progress)
+    for key in sorted(metrics):
+        if key.startswith(("train/loss", "val/rmse")):
+            print(f"{key}: {metrics[key]:.5g}")
+    return 0
+
+
 def _add_inspect(subparsers: Any) -> None:
     parser = subparsers.add_parser("inspect", help="print the metadata of a training store")
     parser.add_argument("store")
@@ -105,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (conversions)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prepare(subparsers)
+    _add_train(subparsers)
     _add_inspect(subparsers)
     for name, what in _NOT_YET.items():
         subparsers.add_parser(name, help=f"{what}: not yet available")
@@ -124,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weathermodel {args.command}: {_NOT_YET[args.command]} is not yet available.",
               file=sys.stderr)
         return 3
-    handlers = {"prepare": run_prepare, "inspect": run_inspect}
+    handlers = {"prepare": run_prepare, "train": run_train, "inspect": run_inspect}
     try:
         return handlers[args.command](args)
     except WeatherModelError as error:
