@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from typing import Any
@@ -13,7 +14,6 @@ from weathermodel.errors import WeatherModelError
 log = logging.getLogger("weathermodel")
 
 _NOT_YET = {
-    "forecast": "batch forecasting (issue 6)",
     "evaluate": "evaluation (issue 7)",
     "demo": "the whole-path demo (issue 8)",
 }
@@ -105,6 +105,45 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_forecast(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "forecast", help="roll a checkpoint out from many start dates into a forecast store",
+        description="Autoregressive forecasts from every start date, written lead by lead to a "
+                    "WeatherBench-2-style zarr v3 store (or netCDF4). Under torchrun or srun "
+                    "each rank takes a share of the start dates. Re-running the same command "
+                    "after an interruption continues it.")
+    parser.add_argument("--checkpoint", required=True, help="model or training checkpoint")
+    parser.add_argument("--data", required=True,
+                        help="initial conditions: a training store or a canonical zarr/netCDF")
+    parser.add_argument("--init", required=True, help="START or START/END/STEP, e.g. "
+                        "2013-10-01/2013-12-31T18/6h")
+    parser.add_argument("--lead", required=True, help="forecast length, e.g. 5d or 120h")
+    parser.add_argument("--out", required=True, help="output store (or .nc with --format)")
+    parser.add_argument("--format", dest="output_format", choices=["zarr", "netcdf"],
+                        default="zarr")
+    parser.add_argument("--members", type=int, default=1, help="ensemble size")
+    parser.add_argument("--perturbation", type=float, default=0.1,
+                        help="initial perturbation, in tendency standard deviations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--on-unhealthy", choices=["flag", "stop"], default="flag",
+                        help="NaN/inf or values far outside training: flag them or stop")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_forecast(args: argparse.Namespace) -> int:
+    from weathermodel.inference.forecast import ForecastOptions, forecast
+
+    options = ForecastOptions(
+        checkpoint=args.checkpoint, data=args.data, init=args.init, lead=args.lead,
+        out=args.out, output_format=args.output_format, members=args.members,
+        perturbation=args.perturbation, seed=args.seed, on_unhealthy=args.on_unhealthy,
+        progress=not args.no_progress)
+    path = forecast(options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"forecast complete: {path}")
+    return 0
+
+
 def _add_inspect(subparsers: Any) -> None:
     parser = subparsers.add_parser("inspect", help="print the metadata of a training store")
     parser.add_argument("store")
@@ -132,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prepare(subparsers)
     _add_train(subparsers)
+    _add_forecast(subparsers)
     _add_inspect(subparsers)
     for name, what in _NOT_YET.items():
         subparsers.add_parser(name, help=f"{what}: not yet available")
@@ -151,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weathermodel {args.command}: {_NOT_YET[args.command]} is not yet available.",
               file=sys.stderr)
         return 3
-    handlers = {"prepare": run_prepare, "train": run_train, "inspect": run_inspect}
+    handlers = {"prepare": run_prepare, "train": run_train, "forecast": run_forecast,
+                "inspect": run_inspect}
     try:
         return handlers[args.command](args)
     except WeatherModelError as error:

@@ -1,0 +1,1 @@
+"""Inference: batch forecasts from many start dates (``weathermodel forecast``)."""

@@ -1,0 +1,240 @@
+"""``weathermodel forecast``: a checkpoint and initial conditions in, a forecast store out.
+
+Every start date is rolled out autoregressively; each lead is written as soon as it is
+computed, so memory does not grow with the lead time. Under ``torchrun`` or SLURM each rank
+takes every N-th start date and writes its own chunks of one store (rank 0 creates it, the
+others wait). Forcings are computed for each valid time. Each step is checked for NaN/inf and
+for values far outside the training statistics. A killed run, restarted with the same command,
+skips the start dates already finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import xarray as xr
+from tqdm.auto import tqdm
+
+import weathermodel
+from weathermodel.data.config import parse_time, parse_timedelta
+from weathermodel.data.forcings import compute_forcings
+from weathermodel.errors import ConfigError, DataError, WeatherModelError
+from weathermodel.inference import output as out
+from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
+from weathermodel.models.forecaster import Forecaster
+from weathermodel.models.io import load_model
+
+
+@dataclass
+class ForecastOptions:
+    """Options of one forecast run (see ``weathermodel forecast --help``)."""
+
+    checkpoint: str
+    data: str
+    init: str
+    lead: str
+    out: str
+    output_format: str = "zarr"
+    members: int = 1
+    perturbation: float = 0.1
+    seed: int = 0
+    on_unhealthy: str = "flag"
+    health_std: float = 10.0
+    progress: bool = True
+
+
+def parse_init_times(text: str) -> np.ndarray:
+    """``START``, or ``START/END/STEP`` (inclusive), as datetime64[ns]."""
+    parts = text.split("/")
+    if len(parts) == 1:
+        return np.array([parse_time(parts[0], "init").to_datetime64()], dtype="datetime64[ns]")
+    if len(parts) != 3:
+        raise ConfigError(f"--init {text!r} is not START or START/END/STEP",
+                          "write e.g. 2013-10-01/2013-12-31T18/6h")
+    start, end = parse_time(parts[0], "init start"), parse_time(parts[1], "init end")
+    step = parse_timedelta(parts[2], "init step")
+    if end < start or step <= pd.Timedelta(0):
+        raise ConfigError(f"--init {text!r} is empty (end before start, or step <= 0)",
+                          "write START/END/STEP with END >= START and a positive STEP")
+    return pd.date_range(start, end, freq=step).values.astype("datetime64[ns]")
+
+
+def lead_steps(lead: str, time_step_seconds: int) -> int:
+    seconds = parse_timedelta(lead, "lead").total_seconds()
+    steps = seconds / time_step_seconds
+    if steps < 1 or abs(steps - round(steps)) > 1e-9:
+        raise ConfigError(f"--lead {lead} is not a positive multiple of the model's time step "
+                          f"({time_step_seconds / 3600:g} h)", "choose a multiple of the step")
+    return int(round(steps))
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group torchrun/SLURM set up."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def _fingerprint(options: ForecastOptions, payload_version: str) -> str:
+    fields = {k: v for k, v in vars(options).items() if k not in ("progress", "out")}
+    text = json.dumps(fields, sort_keys=True) + payload_version
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _initial_state(state: xr.DataArray, init: np.datetime64, history: int,
+                   step: np.timedelta64, where: str) -> np.ndarray:
+    wanted = init - np.arange(history - 1, -1, -1) * step
+    available = set(state["time"].values.astype("datetime64[ns]").tolist())
+    missing = [str(t) for t in wanted.astype("datetime64[ns]") if t.astype("datetime64[ns]")
+               .tolist() not in available]
+    if missing:
+        raise DataError(f"initial conditions for start {init} need states at {missing}, which "
+                        "the data does not have", "choose start dates the data covers",
+                        path=where)
+    values = state.sel(time=wanted).values  # (history, number, channel, lat, lon)
+    return values[:, 0]
+
+
+def _health(state: torch.Tensor, model: Forecaster, limit: float) -> list[str]:
+    problems = []
+    finite = torch.isfinite(state)
+    for channel, name in enumerate(model.metadata.channels):
+        if not bool(finite[:, channel].all()):
+            problems.append(f"{name}: NaN or inf")
+            continue
+        z = (state[:, channel] - model.mean[0, channel]) / model.std[0, channel]
+        if float(z.abs().max()) > limit:
+            problems.append(f"{name}: {float(z.abs().max()):.1f} std from the training mean")
+    return problems
+
+
+def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
+                 init: np.datetime64, index: int, n_leads: int, writer: out.LeadWriter,
+                 device: torch.device) -> list[dict[str, Any]]:
+    metadata = model.metadata
+    step = np.timedelta64(metadata.time_step_seconds, "s")
+    history = model.history
+    initial = _initial_state(state, init, history, step, options.data)
+    check_value_ranges(initial, metadata, options.data)
+    members = torch.from_numpy(np.repeat(initial[None], options.members, axis=0)).to(device)
+    if options.members > 1:  # member 0 is the control; the others get IC perturbations
+        generator = torch.Generator().manual_seed(options.seed * 1_000_003 + index)
+        noise = torch.randn(members.shape, generator=generator).to(device)
+        noise[0] = 0
+        members = members + options.perturbation * noise * model.tendency_std.view(1, 1, -1, 1, 1)
+    lat, lon = np.asarray(metadata.latitude), np.asarray(metadata.longitude)
+    report = []
+    with torch.no_grad():
+        for lead in range(n_leads):
+            times = init + (np.arange(-history + 1, 2) + lead) * step
+            forcings = torch.from_numpy(compute_forcings(times.astype("datetime64[ns]"), lat,
+                                                         lon)).to(device)
+            forcings = forcings[None].expand(options.members, -1, -1, -1, -1)
+            prediction = model(members, forcings)
+            problems = _health(prediction, model, options.health_std)
+            if problems:
+                entry = {"init": str(init), "lead_hours": (lead + 1) * metadata.time_step_seconds
+                         / 3600, "problems": problems}
+                report.append(entry)
+                if options.on_unhealthy == "stop":
+                    raise WeatherModelError(f"unhealthy rollout from {init} at lead "
+                                            f"{entry['lead_hours']:g} h: {problems}",
+                                            "inspect the model and inputs, or pass "
+                                            "--on-unhealthy flag to continue and flag",
+                                            path=options.out)
+            writer.write(index, lead, prediction.float().cpu().numpy())
+            members = torch.cat([members[:, 1:], prediction[:, None]], dim=1)
+    return report
+
+
+def forecast(options: ForecastOptions) -> Path:
+    """Run the forecast; returns the output path (store or netCDF file)."""
+    rank, world, device = _distributed()
+    model = load_model(options.checkpoint).to(device).eval()
+    metadata = model.metadata
+    state = open_initial_conditions(options.data, metadata)
+    inits = parse_init_times(options.init)
+    n_leads = lead_steps(options.lead, metadata.time_step_seconds)
+    if options.members < 1:
+        raise ConfigError("--members must be at least 1", "give 1 or more")
+    final = Path(options.out)
+    store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
+    fingerprint = _fingerprint(options, weathermodel.__version__)
+    if rank == 0:
+        _prepare_output(store, final, fingerprint, metadata, inits, n_leads, options)
+    if world > 1:
+        dist.barrier()
+    existing = out.done_indices(store)
+    writer = out.LeadWriter(store, metadata, options.members)
+    mine = [i for i in range(inits.size) if i % world == rank and i not in existing]
+    report: list[dict[str, Any]] = []
+    for index in tqdm(mine, desc=f"forecast (rank {rank})", disable=not options.progress):
+        report += _rollout_one(model, options, state, inits[index], index, n_leads, writer,
+                               device)
+        out.mark_done(store, index)
+    reports = [report]
+    if world > 1:
+        reports = [None] * world
+        dist.all_gather_object(reports, report)
+        dist.barrier()
+    if rank == 0:
+        missing = set(range(inits.size)) - out.done_indices(store)
+        if missing:
+            raise WeatherModelError(f"{len(missing)} start dates did not finish",
+                                    "run the same command again to complete them",
+                                    path=str(store))
+        out.finalise(store, [entry for part in reports for entry in part])
+        if options.output_format == "netcdf":
+            _to_netcdf(store, final)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits: np.ndarray,
+                    n_leads: int, options: ForecastOptions) -> None:
+    if store.exists():
+        try:
+            attrs = xr.open_zarr(store, consolidated=False).attrs.get("weathermodel_forecast", {})
+        except Exception:  # noqa: BLE001
+            attrs = {}
+        if attrs.get("fingerprint") != fingerprint:
+            raise WeatherModelError("the output path holds another forecast or other data; it "
+                                    "is left untouched", "choose another --out, or delete it",
+                                    path=str(store))
+        return  # same command: resume
+    if options.output_format == "netcdf" and final.exists():
+        raise WeatherModelError("the output file exists; it is left untouched",
+                                "choose another --out, or delete it", path=str(final))
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        probe = store.parent / f".weathermodel-write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as error:
+        raise WeatherModelError(f"cannot write to the output folder: {error}",
+                                "choose a writable --out with free space", path=str(store)) \
+            from error
+    attrs = {"fingerprint": fingerprint, "complete": False, "checkpoint": options.checkpoint,
+             "data": options.data, "members": options.members,
+             "package_version": weathermodel.__version__, "lead": options.lead}
+    out.create_forecast_store(store, metadata, inits, n_leads, options.members, attrs)
+
+
+def _to_netcdf(store: Path, final: Path) -> None:
+    tmp = final.with_name(f".{final.name}.tmp")
+    xr.open_zarr(store).to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+    os.replace(tmp, final)
+    shutil.rmtree(store)
