@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Creates .venv-bench: an environment holding our package next to NVIDIA PhysicsNeMo's GraphCastNet,
+# for benchmarks/bench_graph_vs_physicsnemo.py. CPU only: torch is pinned by constraints-cpu.txt
+# (torch==2.13.0, whose CPU wheel lies on the build machines' disk) on every pip call, so pip never
+# pulls a CUDA torch. PhysicsNeMo's GraphCastNet runs on its PyG backend here (torch-geometric,
+# scikit-learn for its graph builder, torch-scatter/torch-sparse from the prebuilt CPU wheels in
+# ../shared/wheels); DGL is not needed.
+#
+# torchvision: PhysicsNeMo requires it (through timm), and the only torchvision wheels on this
+# machine's indexes are CUDA builds whose C++ extension cannot load beside the CPU torch, so a plain
+# `import torchvision` fails with "operator torchvision::nms does not exist". GraphCastNet never
+# calls torchvision; bench_graph_vs_physicsnemo.py declares the two missing operator schemas
+# before importing PhysicsNeMo (see import_graphcastnet there). torch itself is never replaced.
+#
+# Idempotent: rerunning skips what is installed at the right version.
+#
+#   bash benchmarks/setup_peer_env.sh
+#   .venv-bench/bin/python benchmarks/bench_graph_vs_physicsnemo.py
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV_BENCH:-$ROOT/.venv-bench}"
+CONSTRAINTS="$ROOT/constraints-cpu.txt"
+WHEELS="${WHEELS_DIR:-$ROOT/../shared/wheels}"
+PHYSICSNEMO_VERSION="2.2.2"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off -c "$CONSTRAINTS")
+
+# have NAME [VERSION]: NAME is installed (at VERSION if given). -I: not the egg-info in the cwd.
+have() {
+    "$PY" -I - "$1" "${2:-}" <<'PYEOF' 2>/dev/null
+import importlib.metadata as md, sys
+try:
+    version = md.version(sys.argv[1])
+except md.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if not sys.argv[2] or version == sys.argv[2] else 1)
+PYEOF
+}
+
+grep -q '^torch==2.13.0$' "$CONSTRAINTS" || { echo "expected torch==2.13.0 in $CONSTRAINTS" >&2; exit 1; }
+if [ ! -x "$PY" ]; then
+    echo "== creating $VENV"
+    python3 -m venv "$VENV"
+fi
+
+echo "== torch 2.13.0 (CPU, pinned by $CONSTRAINTS)"
+if have torch 2.13.0+cpu; then echo "   already installed"; else "${PIP[@]}" "torch==2.13.0"; fi
+
+echo "== nvidia-physicsnemo==$PHYSICSNEMO_VERSION, torch-geometric, scikit-learn"
+if have nvidia-physicsnemo "$PHYSICSNEMO_VERSION" && have torch-geometric && have scikit-learn; then
+    echo "   already installed"
+else
+    "${PIP[@]}" "nvidia-physicsnemo==$PHYSICSNEMO_VERSION" torch-geometric scikit-learn
+fi
+
+echo "== torch-scatter / torch-sparse (prebuilt CPU wheels for torch 2.13.0, from $WHEELS)"
+if have torch-scatter 2.1.2 && have torch-sparse 0.6.18; then
+    echo "   already installed"
+else
+    shopt -s nullglob
+    wheels=("$WHEELS"/torch_scatter-*.whl "$WHEELS"/torch_sparse-*.whl)
+    shopt -u nullglob
+    if [ "${#wheels[@]}" -ne 2 ]; then
+        echo "missing prebuilt wheels in $WHEELS (torch_scatter-*.whl, torch_sparse-*.whl)" >&2
+        exit 1
+    fi
+    # torch-sparse needs scipy at run time; --no-deps keeps pip away from torch.
+    "${PIP[@]}" scipy
+    "${PIP[@]}" --no-deps "${wheels[@]}"
+fi
+
+echo "== weathermodel (editable, no extras)"
+if have weathermodel; then echo "   already installed"; else "${PIP[@]}" -e "$ROOT"; fi
+
+echo "== check"
+"$PY" -I - "$ROOT/benchmarks" <<'PYEOF'
+import importlib.metadata as md
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch
+
+assert torch.__version__ == "2.13.0+cpu", f"expected the CPU torch 2.13.0, found {torch.__version__}"
+import torch_geometric, torch_scatter, torch_sparse  # noqa: F401
+sys.dont_write_bytecode = True  # no __pycache__ in benchmarks/
+sys.path.insert(0, sys.argv[1])
+from bench_graph_vs_physicsnemo import import_graphcastnet
+
+import_graphcastnet()
+import weathermodel
+
+print(f"   weathermodel from {weathermodel.__file__}")
+
+for name in ("torch", "nvidia-physicsnemo", "torch-geometric", "torch-scatter", "torch-sparse",
+             "scikit-learn", "scipy", "numpy", "torchvision", "dgl", "weathermodel"):
+    try:
+        print(f"   {name:20s} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"   {name:20s} not installed")
+PYEOF
+echo "ready: $VENV/bin/python benchmarks/bench_graph_vs_physicsnemo.py"
