@@ -195,3 +195,32 @@ def test_small_model_beats_persistence_on_held_out_months(store: Path, tmp_path:
         assert model < persistence, (lead, model, persistence)
     assert metrics["val/rmse/2m_temperature/6h"] < 0.85 * metrics[
         "val/persistence_rmse/2m_temperature/6h"]
+
+
+def test_gradient_accumulation_matches_the_full_batch(store: Path, tmp_path: Path) -> None:
+    full = small_config(store, tmp_path / "full", **{"data.batch_size": 4,
+                                                     "optim.max_steps": 4})
+    split = small_config(store, tmp_path / "acc", **{"data.batch_size": 2,
+                                                     "optim.accumulate": 2,
+                                                     "optim.max_steps": 4})
+    Trainer(from_dict(TrainConfig, full), progress=False).fit()
+    Trainer(from_dict(TrainConfig, split), progress=False).fit()
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "acc")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_and_ema_options_train(store: Path, tmp_path: Path) -> None:
+    config = small_config(store, tmp_path / "ema", **{"precision": "bf16-mixed",
+                                                      "optim.ema_decay": 0.5,
+                                                      "optim.max_steps": 4})
+    trainer = Trainer(from_dict(TrainConfig, config), progress=False)
+    metrics = trainer.fit()
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    saved = final_weights(tmp_path / "ema")
+    raw = trainer.model.state_dict()
+    differs = [name for name in saved if saved[name].dtype.is_floating_point
+               and not torch.equal(saved[name], raw[name])]
+    assert differs  # the checkpoint holds the average, not the last weights
+    for name in differs:
+        assert torch.isfinite(saved[name]).all()
