@@ -41,7 +41,7 @@ def test_prepare_prints_config_then_writes_a_store(ncep_file: Path, tmp_path: Pa
 
 
 def test_stage_not_built_yet_says_so() -> None:
-    result = run_cli("forecast")
+    result = run_cli("demo")
     assert result.returncode == 3 and "not yet available" in result.stderr
 
 

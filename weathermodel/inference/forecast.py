@@ -120,6 +120,15 @@ def _health(state: torch.Tensor, model: Forecaster, limit: float) -> list[str]:
     return problems
 
 
+def _predict(model: Forecaster, members: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+    """One step of every member. The control (member 0) runs as a batch of one: CPU and GPU
+    kernels are not bit-identical across batch sizes (vectorised tails, GEMM blocking), and the
+    control must equal the deterministic forecast exactly."""
+    if members.shape[0] == 1:
+        return model(members, forcings)
+    return torch.cat([model(members[:1], forcings[:1]), model(members[1:], forcings[1:])])
+
+
 def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
                  init: np.datetime64, index: int, n_leads: int, writer: out.LeadWriter,
                  device: torch.device) -> list[dict[str, Any]]:
@@ -142,7 +151,7 @@ def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArra
             forcings = torch.from_numpy(compute_forcings(times.astype("datetime64[ns]"), lat,
                                                          lon)).to(device)
             forcings = forcings[None].expand(options.members, -1, -1, -1, -1)
-            prediction = model(members, forcings)
+            prediction = _predict(model, members, forcings)
             problems = _health(prediction, model, options.health_std)
             if problems:
                 entry = {"init": str(init), "lead_hours": (lead + 1) * metadata.time_step_seconds
@@ -173,6 +182,10 @@ def forecast(options: ForecastOptions) -> Path:
     store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
     fingerprint = _fingerprint(options, weathermodel.__version__)
     if rank == 0:
+        # check the first start date's inputs before anything is written
+        step = np.timedelta64(metadata.time_step_seconds, "s")
+        check_value_ranges(_initial_state(state, inits[0], model.history, step, options.data),
+                           metadata, options.data)
         _prepare_output(store, final, fingerprint, metadata, inits, n_leads, options)
     if world > 1:
         dist.barrier()
@@ -235,6 +248,10 @@ def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits:
 
 def _to_netcdf(store: Path, final: Path) -> None:
     tmp = final.with_name(f".{final.name}.tmp")
-    xr.open_zarr(store).to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+    dataset = xr.open_zarr(store)
+    # netCDF attributes cannot hold dicts: the run's record goes in as a JSON string
+    dataset.attrs = {key: json.dumps(value) if isinstance(value, dict) else value
+                     for key, value in dataset.attrs.items()}
+    dataset.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
     os.replace(tmp, final)
     shutil.rmtree(store)
