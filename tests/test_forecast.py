@@ -218,6 +218,7 @@ def test_celsius_is_refused_by_units_and_by_values(setup: dict, tmp_path: Path,
     mislabelled = _canonical(setup, tmp_path / "k.zarr", offset=273.15, units="K")
     _refused(capsys, _args(setup, tmp_path / "b.zarr", data=mislabelled),
              "outside the training range", "Celsius")
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
     with pytest.raises(DataError, match="outside the training range"):
         forecast(ForecastOptions(checkpoint=str(setup["checkpoint"]), data=str(mislabelled),
                                  init=INIT, lead=LEAD, out=str(tmp_path / "c.zarr"),
