@@ -14,7 +14,6 @@ from weathermodel.errors import WeatherModelError
 log = logging.getLogger("weathermodel")
 
 _NOT_YET = {
-    "evaluate": "evaluation (issue 7)",
     "demo": "the whole-path demo (issue 8)",
 }
 
@@ -144,6 +143,88 @@ def run_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score forecast stores and baselines against a truth (WeatherBench 2)",
+        description="Score forecast stores (zarr or netCDF, WeatherBench 2 layout) and the "
+                    "persistence and climatology baselines against a training store or a "
+                    "canonical dataset, with WeatherBench 2 conventions (area-weighted; RMSE = "
+                    "sqrt of the time mean of the MSE; ACC against the climatology). Prints RMSE "
+                    "and ACC per variable, level, region and lead; writes every score to --out.")
+    parser.add_argument("forecasts", nargs="+", metavar="[NAME=]PATH",
+                        help="forecast stores; NAME defaults to the file name")
+    parser.add_argument("--truth", required=True,
+                        help="training store or canonical dataset (zarr, netCDF)")
+    parser.add_argument("--climatology",
+                        help="climatology from 'weathermodel climatology' (ACC, climatology "
+                             "baseline)")
+    parser.add_argument("--baselines", default="persistence,climatology",
+                        help="comma-separated baselines, or 'none' (default: %(default)s)")
+    parser.add_argument("--regions", help="comma-separated regions, e.g. global,tropics,"
+                                          "extra_tropics_nh,north_america (default: whole grid)")
+    parser.add_argument("--weighting", choices=["wb2_edges", "edges", "cos"],
+                        default="wb2_edges",
+                        help="latitude weights: wb2_edges (WeatherBench 2, default), edges "
+                             "(better for regional grids), cos")
+    parser.add_argument("--variables", help="comma-separated variables (default: all)")
+    parser.add_argument("--start", help="first initialisation time to score (ISO)")
+    parser.add_argument("--end", help="last initialisation time to score (ISO)")
+    parser.add_argument("--skipna", action="store_true",
+                        help="leave missing values out of the means (default: NaN propagates)")
+    parser.add_argument("--out", help="write the scores to this file (.nc) or zarr store")
+    parser.add_argument("--table-metrics", default="rmse,acc",
+                        help="metrics printed in the table (default: %(default)s)")
+    parser.add_argument("--dask-scheduler", help="address of a dask distributed scheduler")
+
+
+def _comma_list(text: str | None) -> list[str] | None:
+    return [item for item in text.split(",") if item] if text else None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from weathermodel.evaluation.evaluate import evaluate, named_forecasts, score_table
+
+    baselines = [] if args.baselines.lower() in ("", "none") else _comma_list(args.baselines)
+    scores = evaluate(named_forecasts(args.forecasts), args.truth, args.climatology,
+                      baselines=baselines, regions=_comma_list(args.regions), out=args.out,
+                      weighting=args.weighting, variables=_comma_list(args.variables),
+                      start=args.start, end=args.end, skipna=args.skipna,
+                      scheduler=args.dask_scheduler)
+    print(score_table(scores, metrics=_comma_list(args.table_metrics) or ["rmse"]), end="")
+    if args.out:
+        print(f"scores written: {args.out}")
+    return 0
+
+
+def _add_climatology(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "climatology", help="day-of-year x hour climatology of a truth (for ACC and baselines)",
+        description="Mean by day of year and hour of day of a training store or canonical "
+                    "dataset, optionally smoothed over neighbouring days (WeatherBench 2 "
+                    "layout: dayofyear, hour, [level], latitude, longitude).")
+    parser.add_argument("truth", help="training store or canonical dataset")
+    parser.add_argument("--out", required=True, help="climatology to write (.nc or zarr)")
+    parser.add_argument("--window-days", type=int, default=None,
+                        help="odd smoothing window in days (WeatherBench 2 uses 61; default: "
+                             "no smoothing)")
+    parser.add_argument("--start", help="first time to use (ISO)")
+    parser.add_argument("--end", help="last time to use (ISO)")
+    parser.add_argument("--variables", help="comma-separated variables (default: all)")
+    parser.add_argument("--dask-scheduler", help="address of a dask distributed scheduler")
+
+
+def run_climatology(args: argparse.Namespace) -> int:
+    from weathermodel.evaluation.evaluate import make_climatology
+
+    climatology = make_climatology(args.truth, args.out, window_days=args.window_days,
+                                   start=args.start, end=args.end,
+                                   variables=_comma_list(args.variables),
+                                   scheduler=args.dask_scheduler)
+    sizes = ", ".join(f"{dim}={size}" for dim, size in climatology.sizes.items())
+    print(f"climatology written: {args.out} ({sizes})")
+    return 0
+
+
 def _add_inspect(subparsers: Any) -> None:
     parser = subparsers.add_parser("inspect", help="print the metadata of a training store")
     parser.add_argument("store")
@@ -172,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(subparsers)
     _add_train(subparsers)
     _add_forecast(subparsers)
+    _add_evaluate(subparsers)
+    _add_climatology(subparsers)
     _add_inspect(subparsers)
     for name, what in _NOT_YET.items():
         subparsers.add_parser(name, help=f"{what}: not yet available")
@@ -192,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 3
     handlers = {"prepare": run_prepare, "train": run_train, "forecast": run_forecast,
+                "evaluate": run_evaluate, "climatology": run_climatology,
                 "inspect": run_inspect}
     try:
         return handlers[args.command](args)

@@ -1,0 +1,438 @@
+"""``weathermodel evaluate``: forecast stores and baselines scored against a truth, WB2-style.
+
+The whole evaluation is one lazy dask graph per call: forecasts, truth and climatology are
+opened lazily, every score is reduced chunk by chunk (one init time and lead at a time for
+``weathermodel forecast`` stores), and only the spatial means are gathered, so memory stays
+bounded whatever the size of the forecasts. Pass ``scheduler`` (a ``dask.distributed``
+scheduler address) to run it on a cluster.
+
+Result layout (as WB2's evaluation output, plus a ``system`` dimension)::
+
+    <xarray.Dataset>
+    Dimensions: (system, metric, [region,] prediction_timedelta, [level])
+    Coordinates: system, metric, [region,] prediction_timedelta, [level],
+                 n_pairs (system, prediction_timedelta)   init times scored per lead
+    Data variables: one per weather variable, in its units (mse: squared; acc,
+                    spread_skill_ratio: 1)
+
+Metrics: every system gets ``mse``, ``rmse``, ``rmse_sqrt_before_time_avg``, ``mae``,
+``bias`` and, given a climatology, ``acc`` (for an ensemble: of the ensemble mean); ensembles
+also ``crps``, ``ensemble_mean_rmse``, ``spread`` and ``spread_skill_ratio``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import dask
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from weathermodel import conventions as cv
+from weathermodel.errors import ConfigError, DataError
+from weathermodel.evaluation import baselines as bl
+from weathermodel.evaluation import metrics as mt
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("persistence", "climatology")
+DETERMINISTIC_METRICS = ("mse", "rmse", "rmse_sqrt_before_time_avg", "mae", "bias")
+ENSEMBLE_METRICS = ("crps", "ensemble_mean_rmse", "spread", "spread_skill_ratio")
+SYSTEM = "system"
+METRIC = "metric"
+_RENAMES = {"init_time": cv.TIME, "lead_time": mt.LEAD, "realization": cv.MEMBER,
+            "lat": cv.LATITUDE, "lon": cv.LONGITUDE}
+
+
+# --------------------------------------------------------------------------------------------
+# opening
+# --------------------------------------------------------------------------------------------
+def _is_netcdf(path: str | Path) -> bool:
+    return str(path).lower().endswith((".nc", ".nc4", ".netcdf"))
+
+
+def _open_zarr(path: str) -> xr.Dataset:
+    """Consolidated metadata when the store has it (WB2 stores), else plain."""
+    try:
+        return xr.open_zarr(path, consolidated=True, chunks={})
+    except (KeyError, FileNotFoundError, ValueError):
+        return xr.open_zarr(path, consolidated=False, chunks={})
+
+
+def _open_any(path: str | Path, chunk_dims: Sequence[str] = ()) -> xr.Dataset:
+    """A zarr (in its stored chunks) or netCDF dataset (one chunk per index along
+    ``chunk_dims``, whole along the others), lazily."""
+    if not Path(path).exists() and "://" not in str(path):
+        raise DataError("does not exist", "give the path of an existing store or file",
+                        path=str(path))
+    try:
+        if not _is_netcdf(path):
+            return _open_zarr(str(path))
+        dataset = xr.open_dataset(str(path))
+    except (OSError, KeyError, ValueError) as error:
+        raise DataError(f"cannot be opened as zarr or netCDF ({error})",
+                        "give a zarr store or a netCDF file", path=str(path)) from error
+    return dataset.chunk({d: (1 if d in chunk_dims else -1) for d in dataset.dims})
+
+
+def open_forecast(path: str | Path) -> xr.Dataset:
+    """A forecast store (``weathermodel forecast`` or any WB2-style zarr/netCDF), lazily.
+
+    WB2's older names (``init_time``, ``lead_time``, ``realization``) are renamed; latitude
+    made ascending; a size-1 ``number`` dimension squeezed out. netCDF files are chunked one
+    (init time, member, lead) per chunk, zarr stores keep their own chunks.
+    """
+    forecast = _open_any(path, chunk_dims=(cv.TIME, cv.MEMBER, mt.LEAD, "init_time", "lead_time",
+                                           "realization"))
+    forecast = forecast.rename({k: v for k, v in _RENAMES.items() if k in forecast.dims})
+    for dim in (cv.TIME, mt.LEAD, cv.LATITUDE, cv.LONGITUDE):
+        if dim not in forecast.dims:
+            raise DataError(f"the forecast has no '{dim}' dimension (dims "
+                            f"{tuple(forecast.dims)})", "give a forecast store in the "
+                            "WeatherBench 2 layout (time, prediction_timedelta, ...)",
+                            path=str(path))
+    provenance = forecast.attrs.get("weathermodel_forecast")
+    if isinstance(provenance, dict) and provenance.get("complete") is False:
+        raise DataError("the forecast store is incomplete (the forecast was interrupted)",
+                        "run the same 'weathermodel forecast' command again to finish it",
+                        path=str(path))
+    if cv.MEMBER in forecast.dims and forecast.sizes[cv.MEMBER] == 1:
+        forecast = forecast.squeeze(cv.MEMBER, drop=True)
+    forecast = forecast.drop_vars([v for v in forecast.data_vars
+                                   if not set(mt.SPACE) <= set(forecast[v].dims)])
+    return mt.latitude_ascending(forecast)
+
+
+def _truth_from_store(path: str, metadata: dict) -> xr.Dataset:
+    from weathermodel.data.store import open_store
+
+    state = open_store(path)["state"]
+    if state.sizes[cv.MEMBER] > 1:
+        log.info("%s: truth has %d members; member 0 is used", path, state.sizes[cv.MEMBER])
+    state = state.isel({cv.MEMBER: 0}, drop=True)
+    variables = np.array([str(v) for v in state["channel_variable"].values])
+    levels = state["channel_level"].values.astype(np.float64)
+    units = {v["name"]: v.get("units", "") for v in metadata.get("variables", [])}
+    plain = state.drop_vars([c for c in state.coords if cv.CHANNEL in state[c].dims])
+    arrays = {}
+    for name in dict.fromkeys(variables):
+        channels = np.flatnonzero(variables == name)
+        if np.isnan(levels[channels]).all():
+            array = plain.isel({cv.CHANNEL: channels[0]})
+        else:
+            channels = channels[np.argsort(levels[channels])]
+            array = plain.isel({cv.CHANNEL: channels}).rename({cv.CHANNEL: cv.LEVEL})
+            array = array.assign_coords({cv.LEVEL: levels[channels]})
+        arrays[name] = array.assign_attrs(units=units.get(name, ""))
+    return xr.Dataset(arrays)
+
+
+def _truth_from_source(path: str) -> xr.Dataset:
+    from weathermodel.data.config import SourceSpec
+    from weathermodel.data.normalize import to_canonical
+    from weathermodel.data.sources import open_path
+
+    source = to_canonical(open_path(path), SourceSpec(path=path), path)
+    arrays = {}
+    for name, array in source.variables.items():
+        info = cv.VARIABLES[name]
+        if info.kind == "static":
+            continue
+        arrays[name] = array.isel({cv.MEMBER: 0}, drop=True).assign_attrs(units=info.units)
+    if not arrays:
+        raise DataError("no time-dependent canonical variable found",
+                        "give a training store or a dataset in canonical names", path=path)
+    return xr.Dataset(arrays)
+
+
+def truth_dataset(path: str | Path) -> xr.Dataset:
+    """The verifying truth as one lazy array per variable, dims (time, [level], latitude,
+    longitude), latitude ascending, canonical units (attribute ``units``).
+
+    Parameters
+    ----------
+    path : a training store (``weathermodel prepare``; its ``state`` channels are split back
+        into variables, levels sorted ascending, member 0 of an ensemble store) or any dataset
+        that ``prepare`` can read: canonical names (e.g. a WB2 ERA5 zarr) or raw files with
+        known names and units, converted as ``prepare`` converts them. Static fields are
+        dropped.
+    """
+    from weathermodel.data.store import read_metadata
+
+    path = str(path)
+    if "://" not in path and not Path(path).exists():
+        raise DataError("does not exist", "give the path of a training store or dataset",
+                        path=path)
+    metadata = read_metadata(path) if Path(path).is_dir() else None
+    truth = _truth_from_store(path, metadata) if metadata else _truth_from_source(path)
+    order = [d for d in (cv.TIME, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE) if d in truth.dims]
+    return mt.latitude_ascending(truth.transpose(*order))
+
+
+def open_climatology(path: str | Path) -> xr.Dataset:
+    """A climatology (dayofyear, [hour], [level], latitude, longitude), lazily, lat ascending."""
+    climatology = _open_any(path, chunk_dims=(mt.DAYOFYEAR,))
+    if mt.DAYOFYEAR not in climatology.dims:
+        raise DataError(f"not a climatology: no 'dayofyear' dimension (dims "
+                        f"{tuple(climatology.dims)})", "make one with 'weathermodel "
+                        "climatology'", path=str(path))
+    return mt.latitude_ascending(climatology)
+
+
+def save_dataset(dataset: xr.Dataset, path: str | Path) -> Path:
+    """Write to netCDF (``.nc``) or zarr v3 (anything else), replacing what is there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _is_netcdf(path):
+        dataset.to_netcdf(path)
+        return path
+    # variable-length strings: zarr v3 has no specification for numpy's fixed-width ones
+    strings = {name: dataset[name].astype(object) for name in dataset.coords
+               if dataset[name].dtype.kind == "U"}
+    dataset.assign_coords(strings).to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+def named_forecasts(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` items (command line) as {name: path}; a bare path is named
+    after its file (``runs/graph.zarr`` -> ``graph``).
+
+    Raises
+    ------
+    ConfigError : two forecasts with the same name, or a name of a baseline.
+    """
+    named: dict[str, str] = {}
+    for item in items:
+        name, path = item.split("=", 1) if "=" in item else (
+            Path(item.rstrip("/")).name.split(".")[0], item)
+        if name in named or name in BASELINES:
+            raise ConfigError(f"forecast name '{name}' is used twice or is a baseline's",
+                              "name the forecasts NAME=PATH with distinct names")
+        named[name] = path
+    return named
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+def _stack(results: Mapping[str, xr.Dataset], dim: str) -> xr.Dataset:
+    names = list(results)
+    stacked = xr.concat([results[n] for n in names], dim=dim, coords="different",
+                        compat="equals", join="outer", combine_attrs="drop")
+    return stacked.assign_coords({dim: np.array(names)})
+
+
+def score_system(forecast: xr.Dataset, truth: xr.Dataset,
+                 climatology: xr.Dataset | None = None, *, regions: mt.Regions = None,
+                 weighting: str = mt.DEFAULT_WEIGHTING, skipna: bool = False) -> xr.Dataset:
+    """Every applicable score of one forecast (lazy), stacked along ``metric``.
+
+    Parameters
+    ----------
+    forecast : (time, [number], prediction_timedelta, [level], latitude, longitude).
+    truth : (time, [level], latitude, longitude), not yet aligned.
+    climatology : for ``acc``; None to skip it.
+    regions, weighting, skipna : see :func:`weathermodel.evaluation.metrics.rmse`.
+
+    Returns
+    -------
+    Dataset (metric, [region,] prediction_timedelta, [level]) with coordinate ``n_pairs``.
+    """
+    aligned = mt.align(forecast, truth)
+    options = {"regions": regions, "weighting": weighting, "skipna": skipna}
+    prediction, verifying = aligned.forecast, aligned.truth
+    results: dict[str, xr.Dataset] = {}
+    if cv.MEMBER in prediction.dims:
+        for name in ENSEMBLE_METRICS:
+            results[name] = getattr(mt, name)(prediction, verifying, **options)
+        prediction = prediction.mean(cv.MEMBER)
+    for name in DETERMINISTIC_METRICS:
+        results[name] = getattr(mt, name)(prediction, verifying, **options)
+    if climatology is not None:
+        results["acc"] = mt.acc(prediction, verifying, climatology, **options)
+    return _stack(results, METRIC)
+
+
+def _baseline(name: str, truth: xr.Dataset, climatology: xr.Dataset | None,
+              reference: xr.Dataset) -> xr.Dataset | None:
+    init_times, leads = reference[cv.TIME].values, reference[mt.LEAD].values
+    variables = [v for v in reference.data_vars if v in truth.data_vars]
+    if name == "persistence":
+        return bl.persistence_forecast(truth[variables], init_times, leads)
+    if name == "climatology":
+        if climatology is None:
+            log.warning("baseline 'climatology' skipped: no climatology given "
+                        "(make one with 'weathermodel climatology')")
+            return None
+        return bl.climatology_forecast(climatology, init_times, leads)
+    raise ConfigError(f"unknown baseline {name!r}", f"use some of {BASELINES}")
+
+
+def _select(truth: xr.Dataset, forecasts: dict[str, xr.Dataset],
+            variables: Sequence[str] | None) -> tuple[xr.Dataset, dict[str, xr.Dataset]]:
+    wanted = list(variables) if variables else sorted(
+        {str(v) for f in forecasts.values() for v in f.data_vars})
+    missing = [v for v in wanted if v not in truth.data_vars]
+    if missing:
+        log.warning("variable(s) %s are not in the truth and are not scored", missing)
+    wanted = [v for v in wanted if v in truth.data_vars]
+    if not wanted:
+        raise DataError("no forecast variable is in the truth",
+                        f"the truth has {sorted(map(str, truth.data_vars))}")
+    forecasts = {n: f[[v for v in wanted if v in f.data_vars]] for n, f in forecasts.items()}
+    return truth[wanted], forecasts
+
+
+def _init_range(forecast: xr.Dataset, start: str | None, end: str | None) -> xr.Dataset:
+    selected = forecast.sel({cv.TIME: slice(start, end)})
+    if selected.sizes[cv.TIME] == 0:
+        raise DataError(f"no initialisation time within {start}..{end}", "widen the period")
+    return selected
+
+
+def _n_pairs_per_system(scores: xr.Dataset) -> xr.Dataset:
+    """``n_pairs`` with a ``system`` dim (concat keeps a coordinate equal for all as it is)."""
+    if SYSTEM in scores[mt.N_PAIRS].dims:
+        return scores
+    per_system = scores[mt.N_PAIRS].expand_dims({SYSTEM: scores[SYSTEM].values})
+    return scores.assign_coords({mt.N_PAIRS: per_system})
+
+
+def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
+             climatology_path: str | Path | None = None,
+             baselines: Sequence[str] = BASELINES, regions: mt.Regions = None,
+             out: str | Path | None = None, *, weighting: str = mt.DEFAULT_WEIGHTING,
+             variables: Sequence[str] | None = None, start: str | None = None,
+             end: str | None = None, skipna: bool = False,
+             scheduler: str | None = None) -> xr.Dataset:
+    """Score forecast stores and baselines against a truth.
+
+    Parameters
+    ----------
+    forecast_paths : system name -> forecast store (zarr or netCDF, WB2 layout).
+    truth_path : training store or canonical dataset (see :func:`truth_dataset`).
+    climatology_path : climatology (``weathermodel climatology``) for ACC and the climatology
+        baseline; None skips both (logged).
+    baselines : any of ``persistence``, ``climatology``; they use the initialisation times and
+        leads of the first forecast.
+    regions : None (whole grid), names of :data:`weathermodel.evaluation.metrics.REGIONS` or a
+        mapping name -> (lat_min, lat_max, lon_min, lon_max).
+    out : where to write the scores (``.nc``: netCDF, else zarr); None to only return them.
+    weighting : area weights (default ``"wb2_edges"``, WB2's; ``"edges"`` for regional grids).
+    variables : variables to score; default all forecast variables found in the truth.
+    start, end : range of initialisation times to score (ISO, inclusive).
+    skipna : leave NaN out of the means (default False, as WB2).
+    scheduler : address of a ``dask.distributed`` scheduler; None for local threads.
+
+    Returns
+    -------
+    The scores (see the module docstring), computed.
+    """
+    from weathermodel.data.prepare import dask_context
+
+    if not forecast_paths:
+        raise ConfigError("no forecast to evaluate", "give at least one forecast store")
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {unknown}", f"use some of {BASELINES}")
+    with dask_context(scheduler):
+        truth = truth_dataset(truth_path)
+        climatology = open_climatology(climatology_path) if climatology_path else None
+        if climatology is None:
+            log.warning("no climatology given: ACC is not computed")
+        systems = {name: _init_range(open_forecast(path), start, end)
+                   for name, path in forecast_paths.items()}
+        truth, systems = _select(truth, systems, variables)
+        reference = next(iter(systems.values()))
+        for name in baselines:
+            forecast = _baseline(name, truth, climatology, reference)
+            if forecast is not None and name not in systems:
+                systems[name] = forecast
+        lazy = {name: score_system(forecast, truth, climatology, regions=regions,
+                                   weighting=weighting, skipna=skipna)
+                for name, forecast in systems.items()}
+        log.info("computing scores of %s", list(lazy))
+        (computed,) = dask.compute(lazy)
+    scores = _n_pairs_per_system(_stack(computed, SYSTEM))
+    scores = scores.assign_attrs(
+        weighting=weighting, skipna=int(skipna), truth=str(truth_path),
+        climatology=str(climatology_path or ""),
+        forecasts=json.dumps({k: str(v) for k, v in forecast_paths.items()}),
+        conventions="WeatherBench 2: rmse = sqrt(time mean of area-weighted MSE); time = "
+                    "initialisation time; valid time = time + prediction_timedelta")
+    for name in scores.data_vars:
+        scores[name].attrs = {"units": str(truth[name].attrs.get("units", ""))}
+    if out is not None:
+        save_dataset(scores, out)
+        log.info("scores written to %s", out)
+    return scores
+
+
+def make_climatology(truth_path: str | Path, out: str | Path, *,
+                     window_days: int | None = None, start: str | None = None,
+                     end: str | None = None, variables: Sequence[str] | None = None,
+                     scheduler: str | None = None) -> xr.Dataset:
+    """Compute a climatology from a truth (see :func:`baselines.compute_climatology`) and
+    write it to ``out`` (netCDF for ``.nc``, else zarr, in chunks of whole grids and about
+    dask's ``array.chunk-size`` along dayofyear and hour). Returns it, opened lazily."""
+    from weathermodel.data.prepare import dask_context
+
+    with dask_context(scheduler):
+        truth = truth_dataset(truth_path)
+        if variables:
+            truth = truth[list(variables)]
+        climatology = bl.compute_climatology(truth, window_days=window_days, start=start,
+                                             end=end)
+        climatology = climatology.chunk({mt.DAYOFYEAR: "auto", mt.HOUR: "auto"})
+        path = save_dataset(climatology, out)
+    return open_climatology(path)
+
+
+# --------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------
+def _lead_label(lead: np.timedelta64) -> str:
+    hours = pd.Timedelta(lead).total_seconds() / 3600.0
+    return f"{hours:g}h"
+
+
+def _block(scores: xr.Dataset, name: str, metrics: list[str], title: str) -> list[str]:
+    systems = [str(s) for s in scores[SYSTEM].values]
+    columns = [(m, s) for m in metrics for s in systems]
+    widths = [max(10, len(f"{m}:{s}") + 2) for m, s in columns]
+    header = "".join(f"{m}:{s}".rjust(w) for (m, s), w in zip(columns, widths))
+    lines = [title, "lead".ljust(8) + header]
+    for lead in scores[mt.LEAD].values:
+        cells = []
+        for (metric, system), width in zip(columns, widths):
+            value = float(scores[name].sel({METRIC: metric, SYSTEM: system, mt.LEAD: lead}))
+            cells.append(("-" if np.isnan(value) else f"{value:.4g}").rjust(width))
+        lines.append(_lead_label(lead).ljust(8) + "".join(cells))
+    return lines
+
+
+def score_table(scores: xr.Dataset, metrics: Sequence[str] = ("rmse", "acc")) -> str:
+    """A plain-text table: per variable, level and region, one row per lead and one column
+    per (metric, system); ``-`` where a score is missing (e.g. ACC without climatology).
+    Levels or regions where every value is missing are left out."""
+    shown = [m for m in metrics if m in scores[METRIC].values]
+    lines: list[str] = []
+    for name in scores.data_vars:
+        array = scores[name].sel({METRIC: shown})
+        units = scores[name].attrs.get("units", "")
+        levels = array[cv.LEVEL].values if cv.LEVEL in array.dims else [None]
+        regions = array[mt.REGION].values if mt.REGION in array.dims else [None]
+        for level in levels:
+            for region in regions:
+                point = {k: v for k, v in ((cv.LEVEL, level), (mt.REGION, region))
+                         if v is not None}
+                block = scores.sel(point)[[name]].sel({METRIC: shown})
+                if bool(block[name].isnull().all()):
+                    continue
+                title = f"{name}" + (f" {level:g} hPa" if level is not None else "") + (
+                    f" [{units}]" if units else "") + (f" ({region})" if region else "")
+                lines += _block(block, name, shown, title) + [""]
+    return "\n".join(lines).rstrip() + "\n"
