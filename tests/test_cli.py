@@ -56,3 +56,20 @@ def test_unknown_override_is_refused(ncep_file: Path, tmp_path: Path) -> None:
     result = run_cli("prepare", str(ncep_file), "--out", str(tmp_path / "o.zarr"),
                      "colour=blue")
     assert result.returncode == 2 and "colour" in result.stderr
+
+
+def test_climatology_command_writes_day_of_year_by_hour(ncep_file: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    assert run_cli("prepare", str(ncep_file), "--out", str(store), "--end", "2013-01-10",
+                   "--no-progress").returncode == 0
+    result = run_cli("climatology", str(store), "--out", str(tmp_path / "clim.nc"))
+    assert result.returncode == 0, result.stderr
+    import xarray as xr
+
+    clim = xr.open_dataset(tmp_path / "clim.nc")
+    assert clim.sizes["hour"] == 4 and clim.sizes["dayofyear"] == 366
+    day = clim["2m_temperature"].sel(dayofyear=5, hour=12).values
+    truth = open_store(store)["state"].sel(time="2013-01-05T12").values[0, 0]
+    import numpy as np
+
+    np.testing.assert_allclose(day, truth, rtol=1e-6)  # one year: the mean is that day

@@ -166,14 +166,21 @@ def _add_evaluate(subparsers: Any) -> None:
                         default="wb2_edges",
                         help="latitude weights: wb2_edges (WeatherBench 2, default), edges "
                              "(better for regional grids), cos")
-    parser.add_argument("--variables", help="comma-separated variables (default: all)")
-    parser.add_argument("--start", help="first initialisation time to score (ISO)")
-    parser.add_argument("--end", help="last initialisation time to score (ISO)")
+    _add_selection_args(parser, "first initialisation time to score (ISO)",
+                        "last initialisation time to score (ISO)")
     parser.add_argument("--skipna", action="store_true",
                         help="leave missing values out of the means (default: NaN propagates)")
     parser.add_argument("--out", help="write the scores to this file (.nc) or zarr store")
     parser.add_argument("--table-metrics", default="rmse,acc",
                         help="metrics printed in the table (default: %(default)s)")
+
+
+def _add_selection_args(parser: argparse.ArgumentParser, start_help: str,
+                        end_help: str) -> None:
+    """--variables, --start, --end and --dask-scheduler, shared by the scoring commands."""
+    parser.add_argument("--variables", help="comma-separated variables (default: all)")
+    parser.add_argument("--start", help=start_help)
+    parser.add_argument("--end", help=end_help)
     parser.add_argument("--dask-scheduler", help="address of a dask distributed scheduler")
 
 
@@ -207,10 +214,7 @@ def _add_climatology(subparsers: Any) -> None:
     parser.add_argument("--window-days", type=int, default=None,
                         help="odd smoothing window in days (WeatherBench 2 uses 61; default: "
                              "no smoothing)")
-    parser.add_argument("--start", help="first time to use (ISO)")
-    parser.add_argument("--end", help="last time to use (ISO)")
-    parser.add_argument("--variables", help="comma-separated variables (default: all)")
-    parser.add_argument("--dask-scheduler", help="address of a dask distributed scheduler")
+    _add_selection_args(parser, "first time to use (ISO)", "last time to use (ISO)")
 
 
 def run_climatology(args: argparse.Namespace) -> int:
