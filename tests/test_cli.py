@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from weathermodel.data.store import open_store, read_metadata
 
 

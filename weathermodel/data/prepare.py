@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd

@@ -142,8 +142,6 @@ def _open_grib(path: str) -> xr.Dataset:
     except Exception as error:  # cfgrib raises DatasetBuildError for heterogeneous files
         if type(error).__name__ != "DatasetBuildError":
             raise
-        import cfgrib
-
         parts = [chunk_by_time(p) for p in cfgrib.open_datasets(path, backend_kwargs=kwargs)]
         log.info("%s: GRIB file holds %d hypercubes; merging them", path, len(parts))
         return xr.merge(parts, compat="override", join="outer")

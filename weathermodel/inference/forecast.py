@@ -95,10 +95,8 @@ def _fingerprint(options: ForecastOptions, payload_version: str) -> str:
 
 def _initial_state(state: xr.DataArray, init: np.datetime64, history: int,
                    step: np.timedelta64, where: str) -> np.ndarray:
-    wanted = init - np.arange(history - 1, -1, -1) * step
-    available = set(state["time"].values.astype("datetime64[ns]").tolist())
-    missing = [str(t) for t in wanted.astype("datetime64[ns]") if t.astype("datetime64[ns]")
-               .tolist() not in available]
+    wanted = (init - np.arange(history - 1, -1, -1) * step).astype("datetime64[ns]")
+    missing = [str(t) for t in wanted[~np.isin(wanted, state["time"].values)]]
     if missing:
         raise DataError(f"initial conditions for start {init} need states at {missing}, which "
                         "the data does not have", "choose start dates the data covers",

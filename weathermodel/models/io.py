@@ -86,6 +86,8 @@ def model_from_payload(payload: dict[str, Any], path: str | Path = "<memory>",
                        cache_dir: str | Path | None = None) -> Forecaster:
     config = from_dict(ModelConfig, payload["model_config"])
     metadata = ModelMetadata.from_dict(payload["metadata"])
+    # the saved statics are already normalised; the constructor's copy is replaced just below
+    # by load_state_dict, so only their shape matters here
     statics = payload["state_dict"]["statics"]
     model = Forecaster(config, metadata, statics.numpy(), cache_dir=cache_dir)
     try:

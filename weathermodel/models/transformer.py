@@ -233,7 +233,7 @@ class WindowAttention(nn.Module):
         """``(batch, lat_patches, lon_patches, dim)`` -> same shape."""
         batch, n_lat, n_lon, _ = x.shape
         qkv = self._pad_and_roll(self.qkv(x), n_lat, n_lon)
-        padded_lat, padded_lon = qkv.shape[1], qkv.shape[2]
+        padded_lat = qkv.shape[1]
         q, k, v = rearrange(qkv, "b (nh p) (nw q) (three n e) -> three (b nh nw) n (p q) e",
                             p=self.window, q=self.window, three=3, n=self.num_heads)
         mask = self._attention_mask(n_lat, n_lon, q.dtype, q.device)
