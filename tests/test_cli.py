@@ -38,11 +38,6 @@ def test_prepare_prints_config_then_writes_a_store(ncep_file: Path, tmp_path: Pa
     assert inspect.returncode == 0 and '"complete": true' in inspect.stdout
 
 
-def test_stage_not_built_yet_says_so() -> None:
-    result = run_cli("demo")
-    assert result.returncode == 3 and "not yet available" in result.stderr
-
-
 def test_error_exit_code_and_message(tmp_path: Path) -> None:
     result = run_cli("prepare", str(tmp_path / "nothing.nc"), "--out", str(tmp_path / "o.zarr"))
     assert result.returncode == 2

@@ -13,10 +13,6 @@ from weathermodel.errors import WeatherModelError
 
 log = logging.getLogger("weathermodel")
 
-_NOT_YET = {
-    "demo": "the whole-path demo (issue 8)",
-}
-
 
 def _add_prepare(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -173,6 +169,9 @@ def _add_evaluate(subparsers: Any) -> None:
     parser.add_argument("--out", help="write the scores to this file (.nc) or zarr store")
     parser.add_argument("--table-metrics", default="rmse,acc",
                         help="metrics printed in the table (default: %(default)s)")
+    parser.add_argument("--plots", metavar="DIR",
+                        help="also write PNG plots into DIR: lead-time curves, scorecards "
+                             "against persistence, zonal energy spectra and maps")
 
 
 def _add_selection_args(parser: argparse.ArgumentParser, start_help: str,
@@ -189,10 +188,12 @@ def _comma_list(text: str | None) -> list[str] | None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from weathermodel.evaluation.evaluate import evaluate, named_forecasts, score_table
+    from weathermodel.evaluation.evaluate import (evaluate, named_forecasts, plot_evaluation,
+                                                  score_table)
 
     baselines = [] if args.baselines.lower() in ("", "none") else _comma_list(args.baselines)
-    scores = evaluate(named_forecasts(args.forecasts), args.truth, args.climatology,
+    forecasts = named_forecasts(args.forecasts)
+    scores = evaluate(forecasts, args.truth, args.climatology,
                       baselines=baselines, regions=_comma_list(args.regions), out=args.out,
                       weighting=args.weighting, variables=_comma_list(args.variables),
                       start=args.start, end=args.end, skipna=args.skipna,
@@ -200,6 +201,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(score_table(scores, metrics=_comma_list(args.table_metrics) or ["rmse"]), end="")
     if args.out:
         print(f"scores written: {args.out}")
+    if args.plots:
+        paths = plot_evaluation(scores, forecasts, args.truth, args.plots, start=args.start,
+                                end=args.end, scheduler=args.dask_scheduler)
+        print(f"{len(paths)} plots written: {args.plots}")
     return 0
 
 
@@ -247,6 +252,40 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="the whole path on the shipped 2013 NCEP sample, reanalysis to scorecard",
+        description="Prepare the shipped sample, train a small graph model on January-September "
+                    "2013 (or load a checkpoint), forecast October-December to 5 days, score "
+                    "it against the reanalysis, persistence and climatology, and write the "
+                    "scorecard, plots and maps. Re-running continues an interrupted demo.")
+    parser.add_argument("--out", default="outputs/demo", help="output folder (default: "
+                                                              "%(default)s)")
+    parser.add_argument("--use-checkpoint", nargs="?", const="shipped", default=None,
+                        metavar="PATH", help="skip training: forecast with the shipped "
+                                             "checkpoint, or with PATH")
+    parser.add_argument("--train-steps", type=int, help="optimizer steps of the demo training")
+    parser.add_argument("--init", default="2013-10-01/2013-12-26T12/12h",
+                        help="start dates START/END/STEP (default: %(default)s)")
+    parser.add_argument("--lead", default="5d", help="forecast length (default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="overrides of the training configuration")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from weathermodel.demo import DemoOptions, run_demo as demo
+
+    demo(DemoOptions(out_dir=Path(args.out), use_checkpoint=args.use_checkpoint,
+                     train_steps=args.train_steps, init=args.init, lead=args.lead,
+                     overrides=tuple(args.overrides), fresh=args.fresh,
+                     progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weathermodel",
                                      description="Data-driven weather prediction, reanalysis "
@@ -260,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_climatology(subparsers)
     _add_inspect(subparsers)
-    for name, what in _NOT_YET.items():
-        subparsers.add_parser(name, help=f"{what}: not yet available")
+    _add_demo(subparsers)
     return parser
 
 
@@ -274,17 +312,34 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command in _NOT_YET:
-        print(f"weathermodel {args.command}: {_NOT_YET[args.command]} is not yet available.",
-              file=sys.stderr)
-        return 3
     handlers = {"prepare": run_prepare, "train": run_train, "forecast": run_forecast,
                 "evaluate": run_evaluate, "climatology": run_climatology,
-                "inspect": run_inspect}
+                "inspect": run_inspect, "demo": run_demo}
+    from weathermodel.errors import is_storage_error, storage_error
+
+    # what survives a failed write, and how to carry on, per command
+    kept = {"prepare": "the blocks written so far are kept: run the same command again to "
+                       "resume the store",
+            "train": "the checkpoints written so far are kept: run the same command with "
+                     "--resume to continue from the newest",
+            "forecast": "the start dates finished so far are kept: run the same command again "
+                        "to resume the forecast",
+            "evaluate": "a previous output at that path is replaced only by a complete one: "
+                        "run the same command again",
+            "climatology": "a previous output at that path is replaced only by a complete one: "
+                           "run the same command again",
+            "demo": "every finished stage is kept: run the same command again to continue"}.get(
+        args.command, "run the same command again once there is room")
     try:
         return handlers[args.command](args)
     except WeatherModelError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # disk full, file-size limit, read-only or forbidden path
+        if not is_storage_error(error):
+            raise
+        output = getattr(args, "output", None) or getattr(args, "out", None)
+        print(f"error: {storage_error(error, output, kept)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

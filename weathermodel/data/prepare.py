@@ -3,7 +3,9 @@
 The workflow: open and normalise every source (lazily), combine them into channels, check the
 time axis, create or resume the store, write it block by block (each block recorded in a
 progress file only after it is written), then compute statistics in one streaming pass and only
-then mark the store complete.
+then mark the store complete. A new store is refused before anything is written when its
+estimated size exceeds the free space of the output's file system; a run stopped by a full
+disk, a killed process or bad input resumes with the same command.
 """
 from __future__ import annotations
 
@@ -319,8 +321,13 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
             channel_variables=combined.channel_variables, channel_levels=combined.channel_levels,
             latitude=state[cv.LATITUDE].values, longitude=state[cv.LONGITUDE].values,
             static_names=metadata["statics"], compressor=config.compressor)
+        st.require_free_space(work, st.estimated_store_bytes(layout), "the training store")
         st.create_store(work, layout, metadata)
         st.save_progress(work, {"fingerprint": fingerprint, "blocks_done": []})
+    else:  # resume: drop the half-written temporary chunk files of a killed run
+        removed = st.remove_partial_writes(work)
+        if removed:
+            log.info("%s: removed %d temporary file(s) of an interrupted run", work, removed)
     with dask_context(config.dask_scheduler):
         _write_blocks(work, combined, report, config, progress)
         _finalise(work, combined)

@@ -19,6 +19,7 @@ file and a rename, so a reader never sees half a chunk. The store opens in xarra
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,12 @@ import xarray as xr
 import zarr
 
 from weathermodel import conventions as cv
-from weathermodel.errors import StoreError
+from weathermodel.errors import OutputError, StoreError
 
 FORMAT_VERSION = 1
 PROGRESS_ATTRIBUTE = "weathermodel_progress"
+#: allocation unit assumed per chunk file when estimating the size of a store on disk
+_BLOCK_BYTES = 4096
 
 
 @dataclass
@@ -62,6 +65,73 @@ def _encoding(layout: StoreLayout) -> dict[str, dict]:
         "time": {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian",
                  "dtype": "int64"},
     }
+
+
+def chunk_files_bytes(n_chunks: int, chunk_bytes: int) -> int:
+    """Disk space of ``n_chunks`` uncompressed chunk files of ``chunk_bytes`` each (rounded up
+    to whole file-system blocks)."""
+    return int(n_chunks) * -(-int(chunk_bytes) // _BLOCK_BYTES) * _BLOCK_BYTES
+
+
+def estimated_store_bytes(layout: StoreLayout) -> int:
+    """Upper bound of the disk space of a complete store (uncompressed chunks): one state
+    chunk per (time, member), one forcing chunk per time, the statics."""
+    grid = layout.latitude.size * layout.longitude.size * 4
+    n_time, n_member = layout.times.size, layout.members.size
+    return (chunk_files_bytes(n_time * n_member, len(layout.channels) * grid)
+            + chunk_files_bytes(n_time, len(cv.FORCING_NAMES) * grid)
+            + chunk_files_bytes(1, len(layout.static_names) * grid))
+
+
+def _human(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n_bytes) < 1000 or unit == "TB":
+            return f"{n_bytes:.3g} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.3g} TB"  # pragma: no cover
+
+
+def require_free_space(path: str | Path, needed_bytes: int, what: str) -> None:
+    """Refuse to start an output that cannot fit on its file system.
+
+    Parameters
+    ----------
+    path : the output about to be created (it need not exist yet).
+    needed_bytes : estimated size of the complete output.
+    what : the output in words, e.g. "the training store".
+
+    Raises
+    ------
+    OutputError : naming the path, the space needed and free, and what to do.
+    """
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # no way to tell: let the writes report it
+        return
+    if needed_bytes > free:
+        raise OutputError(
+            f"{what} needs about {_human(needed_bytes)}, but only {_human(free)} are free on the "
+            f"file system of '{folder}'; nothing was written",
+            "free some space, choose another output path (--out) on a larger disk, or ask for "
+            "less (a shorter period, fewer variables, start dates, leads or members)",
+            path=str(path))
+
+
+def remove_partial_writes(path: str | Path) -> int:
+    """Delete the temporary files a killed writer leaves inside a store (zarr writes every
+    chunk to ``<chunk>.<hex>.partial`` and renames it); returns how many were removed."""
+    removed = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> None:

@@ -15,6 +15,9 @@ Result layout (as WB2's evaluation output, plus a ``system`` dimension)::
     Data variables: one per weather variable, in its units (mse: squared; acc,
                     spread_skill_ratio: 1)
 
+Zonal energy spectra of the forecasts and the truth (:func:`energy_spectra`) and the plots
+of :mod:`weathermodel.evaluation.plots` (:func:`plot_evaluation`) come from the same stores.
+
 Metrics: every system gets ``mse``, ``rmse``, ``rmse_sqrt_before_time_avg``, ``mae``,
 ``bias`` and, given a climatology, ``acc`` (for an ensemble: of the ensemble mean); ensembles
 also ``crps``, ``ensemble_mean_rmse``, ``spread`` and ``spread_skill_ratio``.
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,7 +37,7 @@ import pandas as pd
 import xarray as xr
 
 from weathermodel import conventions as cv
-from weathermodel.errors import ConfigError, DataError
+from weathermodel.errors import ConfigError, DataError, OutputError
 from weathermodel.evaluation import baselines as bl
 from weathermodel.evaluation import metrics as mt
 
@@ -43,6 +48,8 @@ DETERMINISTIC_METRICS = ("mse", "rmse", "rmse_sqrt_before_time_avg", "mae", "bia
 ENSEMBLE_METRICS = ("crps", "ensemble_mean_rmse", "spread", "spread_skill_ratio")
 SYSTEM = "system"
 METRIC = "metric"
+#: the system name of the truth in :func:`energy_spectra`
+TRUTH_SYSTEM = "truth"
 _RENAMES = {"init_time": cv.TIME, "lead_time": mt.LEAD, "realization": cv.MEMBER,
             "lat": cv.LATITUDE, "lon": cv.LONGITUDE}
 
@@ -73,8 +80,10 @@ def _open_any(path: str | Path, chunk_dims: Sequence[str] = ()) -> xr.Dataset:
             return _open_zarr(str(path))
         dataset = xr.open_dataset(str(path))
     except (OSError, KeyError, ValueError) as error:
-        raise DataError(f"cannot be opened as zarr or netCDF ({error})",
-                        "give a zarr store or a netCDF file", path=str(path)) from error
+        raise DataError(f"cannot be opened as zarr or netCDF ({error}); it may be truncated "
+                        "or corrupt", "write it again (e.g. run the same forecast command "
+                        "again), or give a zarr store or a netCDF file", path=str(path)) \
+            from error
     return dataset.chunk({d: (1 if d in chunk_dims else -1) for d in dataset.dims})
 
 
@@ -182,17 +191,47 @@ def open_climatology(path: str | Path) -> xr.Dataset:
     return mt.latitude_ascending(climatology)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def save_dataset(dataset: xr.Dataset, path: str | Path) -> Path:
-    """Write to netCDF (``.nc``) or zarr v3 (anything else), replacing what is there."""
+    """Write to netCDF (``.nc``) or zarr v3 (anything else), replacing what is there.
+
+    The new output is written beside the old one and renamed over it once complete, so a
+    failed write (disk full, interrupted) leaves a previous output at ``path`` intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _is_netcdf(path):
-        dataset.to_netcdf(path)
-        return path
-    # variable-length strings: zarr v3 has no specification for numpy's fixed-width ones
-    strings = {name: dataset[name].astype(object) for name in dataset.coords
-               if dataset[name].dtype.kind == "U"}
-    dataset.assign_coords(strings).to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove(temporary)
+    try:
+        if _is_netcdf(path):
+            try:
+                dataset.to_netcdf(temporary)
+            except RuntimeError as error:  # the HDF5 library names no cause ("HDF error")
+                raise OutputError(f"cannot write the netCDF file ({error})", "check the free "
+                                  "space and the file-size limit, or choose another --out; a "
+                                  "previous file at that path is intact", path=str(path)) \
+                    from error
+        else:
+            # variable-length strings: zarr v3 has no specification for numpy's fixed-width ones
+            strings = {name: dataset[name].astype(object) for name in dataset.coords
+                       if dataset[name].dtype.kind == "U"}
+            dataset.assign_coords(strings).to_zarr(temporary, mode="w", zarr_format=3,
+                                                   consolidated=False)
+        if path.is_dir() and not path.is_symlink():  # a folder cannot be renamed over
+            retired = path.with_name(f".{path.name}.old{os.getpid()}")
+            path.rename(retired)
+            temporary.rename(path)
+            _remove(retired)
+        else:
+            os.replace(temporary, path)
+    finally:
+        _remove(temporary)
     return path
 
 
@@ -351,9 +390,16 @@ def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
             forecast = _baseline(name, truth, climatology, reference)
             if forecast is not None and name not in systems:
                 systems[name] = forecast
-        lazy = {name: score_system(forecast, truth, climatology, regions=regions,
-                                   weighting=weighting, skipna=skipna)
-                for name, forecast in systems.items()}
+        lazy = {}
+        for name, forecast in systems.items():
+            try:
+                lazy[name] = score_system(forecast, truth, climatology, regions=regions,
+                                          weighting=weighting, skipna=skipna)
+            except DataError as error:  # e.g. another grid: name the forecast concerned
+                if error.path is not None or name not in forecast_paths:
+                    raise
+                raise DataError(error.problem, error.fix, path=str(forecast_paths[name]),
+                                variable=error.variable) from error
         log.info("computing scores of %s", list(lazy))
         (computed,) = dask.compute(lazy)
     scores = _n_pairs_per_system(_stack(computed, SYSTEM))
@@ -389,6 +435,130 @@ def make_climatology(truth_path: str | Path, out: str | Path, *,
         climatology = climatology.chunk({mt.DAYOFYEAR: "auto", mt.HOUR: "auto"})
         path = save_dataset(climatology, out)
     return open_climatology(path)
+
+
+# --------------------------------------------------------------------------------------------
+# spectra and plots
+# --------------------------------------------------------------------------------------------
+def _select_leads(forecast: xr.Dataset, leads: Sequence[str | np.timedelta64] | None,
+                  name: str) -> xr.Dataset:
+    if leads is None:
+        return forecast
+    wanted = pd.to_timedelta(list(leads)).values.astype("timedelta64[ns]")
+    available = forecast[mt.LEAD].values
+    missing = [_lead_label(lead) for lead in wanted if lead not in available]
+    if missing:
+        raise DataError(f"forecast '{name}' has no lead(s) {missing} (it has "
+                        f"{[_lead_label(lead) for lead in available]})",
+                        "ask for leads the forecast has")
+    return forecast.sel({mt.LEAD: wanted})
+
+
+def _rows(latitude: np.ndarray, latitudes: tuple[float, float] | None) -> np.ndarray:
+    """Boolean mask of the latitude rows within ``latitudes`` (all rows for None)."""
+    if latitudes is None:
+        return np.ones(latitude.shape, dtype=bool)
+    low, high = sorted(latitudes)
+    rows = (latitude >= low - 1e-6) & (latitude <= high + 1e-6)
+    if not rows.any():
+        raise DataError(f"no latitude row within {low:g}..{high:g} (the grid spans "
+                        f"{latitude.min():g}..{latitude.max():g})",
+                        "choose latitudes within the grid")
+    return rows
+
+
+def _mean_spectrum(fields: xr.Dataset, valid: xr.DataArray, rows: np.ndarray) -> xr.Dataset:
+    """Zonal spectra of (time, [number], prediction_timedelta, [level], latitude, longitude)
+    averaged over members, the valid (init, lead) pairs and the selected latitude rows."""
+    selected = fields.isel({cv.LATITUDE: np.flatnonzero(rows)})
+    power = mt.zonal_energy_spectrum(selected, average_dims=[cv.MEMBER])
+    attrs = {name: dict(power[name].attrs) for name in power.data_vars}
+    wavelength = power["wavelength"].mean(cv.LATITUDE)
+    mean = power.where(valid).mean(cv.TIME).mean(cv.LATITUDE)
+    mean = mean.drop_vars([c for c in mean.coords if c not in mean.dims])
+    for name in mean.data_vars:
+        mean[name].attrs = attrs[name]
+    return mean.assign_coords(wavelength=wavelength.assign_attrs(units="m"))
+
+
+def energy_spectra(forecasts: Mapping[str, xr.Dataset], truth: xr.Dataset,
+                   leads: Sequence[str | np.timedelta64] | None = None, *,
+                   latitudes: tuple[float, float] | None = None) -> xr.Dataset:
+    """Zonal energy spectra of forecasts and of the truth they verify against (WB2 style).
+
+    The spectrum of every latitude row (:func:`weathermodel.evaluation.metrics.
+    zonal_energy_spectrum`, WB2's ``ZonalEnergySpectrum``: S[k] = 2 D |F[k]|^2 for k > 0,
+    D the length of the row in m) is averaged over ensemble members, over the (init, lead)
+    pairs whose valid time is in the truth, and then (unweighted) over the latitude rows, as
+    WB2 averages its spectra over a latitude band. Averaging is per zonal wavenumber k; the
+    coordinate ``wavelength`` is the mean row length over k (m; inf at k = 0).
+
+    Parameters
+    ----------
+    forecasts : system name -> forecast (time, [number], prediction_timedelta, [level],
+        latitude, longitude) on the truth's grid, longitudes uniformly spaced.
+    truth : (time, [level], latitude, longitude), ``time`` the valid time. Its spectrum is the
+        system ``"truth"``, taken at the valid times of the first forecast's (init, lead) pairs.
+    leads : leads to compute (e.g. ``["1d", "5d"]``); default all leads of each forecast.
+    latitudes : (min, max) degrees north of the rows averaged; default all rows of the grid.
+
+    Returns
+    -------
+    Dataset, computed, one variable per weather variable, dims (system, prediction_timedelta,
+    [level], zonal_wavenumber), units m times the variable's units squared; coordinate
+    ``wavelength`` (zonal_wavenumber). A system without some lead or level holds NaN there.
+    """
+    if not forecasts:
+        raise ConfigError("no forecast given for the spectra", "give at least one forecast")
+    if TRUTH_SYSTEM in forecasts:
+        raise ConfigError(f"a forecast is named '{TRUTH_SYSTEM}', the name of the truth's "
+                          "spectrum", "rename the forecast")
+    spectra: dict[str, xr.Dataset] = {}
+    reference_truth: xr.Dataset | None = None
+    for name, forecast in forecasts.items():
+        aligned = mt.align(_select_leads(forecast, leads, name), truth)
+        valid = aligned.truth[mt.VALID_PAIR]
+        rows = _rows(aligned.truth[cv.LATITUDE].values, latitudes)
+        spectra[name] = _mean_spectrum(aligned.forecast, valid, rows)
+        if reference_truth is None:
+            reference_truth = _mean_spectrum(aligned.truth, valid, rows)
+    spectra[TRUTH_SYSTEM] = reference_truth
+    (computed,) = dask.compute(spectra)
+    stacked = _stack(computed, SYSTEM)
+    for name in stacked.data_vars:
+        stacked[name].attrs = dict(computed[TRUTH_SYSTEM][name].attrs)
+    order = [d for d in (SYSTEM, mt.LEAD, cv.LEVEL, mt.ZONAL_WAVENUMBER) if d in stacked.dims]
+    return stacked.transpose(*order)
+
+
+def plot_evaluation(scores: xr.Dataset, forecast_paths: Mapping[str, str | Path],
+                    truth_path: str | Path, out_dir: str | Path, *,
+                    start: str | None = None, end: str | None = None,
+                    reference: str = "persistence", scheduler: str | None = None) -> list[Path]:
+    """Spectra of the forecast stores and the truth, then every plot of
+    :func:`weathermodel.evaluation.plots.write_evaluation_plots` into ``out_dir``.
+
+    Parameters
+    ----------
+    scores : from :func:`evaluate` for the same forecasts; its variables are plotted.
+    forecast_paths, truth_path, start, end, scheduler : as given to :func:`evaluate`.
+    reference : system the scorecards compare against.
+
+    Returns
+    -------
+    The PNG files written.
+    """
+    from weathermodel.data.prepare import dask_context
+    from weathermodel.evaluation.plots import write_evaluation_plots
+
+    with dask_context(scheduler):
+        truth = truth_dataset(truth_path)
+        systems = {name: _init_range(open_forecast(path), start, end)
+                   for name, path in forecast_paths.items()}
+        truth, systems = _select(truth, systems, [str(v) for v in scores.data_vars])
+        spectra = energy_spectra(systems, truth)
+        return write_evaluation_plots(scores, out_dir, forecast=next(iter(systems.values())),
+                                      truth=truth, spectra=spectra, reference=reference)
 
 
 # --------------------------------------------------------------------------------------------

@@ -227,16 +227,24 @@ def area_weights(latitude: np.ndarray, longitude: np.ndarray, regions: Regions =
 # --------------------------------------------------------------------------------------------
 # spatial and time means
 # --------------------------------------------------------------------------------------------
+def _weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum over (lat, lon) of values (..., lat, lon) * weights (region, lat, lon), float64.
+
+    np.einsum without ``optimize`` runs numpy's own loops, not BLAS: tensordot's multi-threaded
+    BLAS call on one small grid per dask task, with dask's threads beside it, was up to 100x
+    slower on a loaded 2-core machine (benchmarks/bench_evaluate_vs_wb2.py)."""
+    return np.einsum("...ij,rij->...r", values.astype(np.float64), weights)
+
+
 def _area_mean_kernel(values: np.ndarray, weights: np.ndarray, skipna: bool) -> np.ndarray:
     """values (..., lat, lon), weights (region, lat, lon) -> (..., region), in float64."""
-    axes = ([-2, -1], [1, 2])
     all_weight = weights.sum(axis=(1, 2))
     missing = np.isnan(values)
     if not missing.any():
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.tensordot(values.astype(np.float64), weights, axes=axes) / all_weight
-    total = np.tensordot(np.where(missing, 0.0, values).astype(np.float64), weights, axes=axes)
-    missing_weight = np.tensordot(missing.astype(np.float64), weights, axes=axes)
+            return _weighted_sum(values, weights) / all_weight
+    total = _weighted_sum(np.where(missing, 0.0, values), weights)
+    missing_weight = _weighted_sum(missing, weights)
     with np.errstate(divide="ignore", invalid="ignore"):
         if skipna:
             return total / (all_weight - missing_weight)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from weathermodel import conventions as cv
 from weathermodel.data.sources import open_path
 from weathermodel.data.store import read_metadata
+from weathermodel.data.timeaxis import inspect_time_axis
 from weathermodel.errors import DataError
 from weathermodel.models.forecaster import ModelMetadata
 from weathermodel.units import normalise_units
@@ -66,6 +68,8 @@ def open_initial_conditions(path: str, metadata: ModelMetadata) -> xr.DataArray:
         if theirs.shape != mine.shape or not np.allclose(theirs, mine, atol=1e-4):
             raise _grid_error(name, mine, theirs, path)
     times = state[cv.TIME].values
+    # duplicated or unordered times are refused here, not met as a pandas error later
+    inspect_time_axis(times, pd.Timedelta(seconds=metadata.time_step_seconds), path)
     if times.size > 1:
         steps = np.unique(np.diff(times).astype("timedelta64[s]").astype(np.int64))
         if metadata.time_step_seconds not in steps:
@@ -100,17 +104,44 @@ def _stack_canonical(ds: xr.Dataset, metadata: ModelMetadata, path: str
     return state.assign_coords({cv.CHANNEL: metadata.channels}), units
 
 
-def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str) -> None:
-    """Refuse initial states far outside the training range of each channel."""
+def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str,
+                       init: object = None) -> None:
+    """Refuse initial states with missing values or far outside the training range.
+
+    Parameters
+    ----------
+    values : (history, channel, lat, lon) or (history, member, channel, lat, lon).
+    metadata : the checkpoint's metadata (channels, training mean and std).
+    where : the data's path, named in errors.
+    init : the start date, named in errors when given.
+
+    Raises
+    ------
+    DataError : a channel holds NaN or inf (the network would turn the whole forecast into
+        NaN), or its mean lies more than ``RANGE_TOLERANCE_STD`` std from the training mean.
+    """
+    channel_axis = 2 if values.ndim == 5 else 1
+    other_axes = tuple(i for i in range(values.ndim) if i != channel_axis)
+    when = f" at start date {init}" if init is not None else ""
+    bad = (~np.isfinite(values)).sum(axis=other_axes)
+    for index in np.flatnonzero(bad):
+        share = bad[index] / (values.size / values.shape[channel_axis])
+        raise DataError(
+            f"the initial values of '{metadata.channels[index]}'{when} hold {int(bad[index])} "
+            f"missing (NaN) or infinite values ({share:.1%}); the model cannot forecast from "
+            "them", "fill the missing values (e.g. with the training mean) or choose start "
+            "dates where the data is complete", path=where, variable=metadata.channels[index])
     low = np.asarray(metadata.mean) - RANGE_TOLERANCE_STD * np.asarray(metadata.std)
     high = np.asarray(metadata.mean) + RANGE_TOLERANCE_STD * np.asarray(metadata.std)
-    channel_means = np.nanmean(values, axis=tuple(i for i in range(values.ndim) if i != 2)
-                               if values.ndim == 5 else (0, 2, 3))
+    channel_means = np.mean(values, axis=other_axes)
+    units = {v["name"]: v["units"] for v in metadata.variables}
     for index, mean in enumerate(np.atleast_1d(channel_means)):
         if not low[index] <= mean <= high[index]:
+            kelvin = units.get(metadata.channel_variables[index]) == "K"
+            hint = " (they look like degrees Celsius)" if kelvin and -90 < mean < 60 else ""
             raise DataError(
-                f"initial values of '{metadata.channels[index]}' average {mean:.4g}, outside "
-                f"the training range {low[index]:.4g}..{high[index]:.4g} (mean +- "
-                f"{RANGE_TOLERANCE_STD:g} std): wrong units or wrong variable",
+                f"initial values of '{metadata.channels[index]}'{when} average {mean:.4g}, "
+                f"outside the training range {low[index]:.4g}..{high[index]:.4g} (mean +- "
+                f"{RANGE_TOLERANCE_STD:g} std): wrong units or wrong variable{hint}",
                 "check the data's units (e.g. Kelvin, not Celsius)", path=where,
                 variable=metadata.channels[index])

@@ -5,7 +5,9 @@ computed, so memory does not grow with the lead time. Under ``torchrun`` or SLUR
 takes every N-th start date and writes its own chunks of one store (rank 0 creates it, the
 others wait). Forcings are computed for each valid time. Each step is checked for NaN/inf and
 for values far outside the training statistics. A killed run, restarted with the same command,
-skips the start dates already finished.
+skips the start dates already finished; a finished one is left as it is (nothing rewritten).
+The run's fingerprint covers the checkpoint's contents, so a retrained model at the same path
+never resumes, or passes for, the forecast of the old one.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 import weathermodel
 from weathermodel.data.config import parse_time, parse_timedelta
 from weathermodel.data.forcings import compute_forcings
+from weathermodel.data.sources import file_checksum
 from weathermodel.errors import ConfigError, DataError, WeatherModelError
 from weathermodel.inference import output as out
 from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
@@ -52,15 +55,26 @@ class ForecastOptions:
     progress: bool = True
 
 
+def _init_time(text: str, what: str) -> pd.Timestamp:
+    """An ISO time in nanoseconds; one that datetime64[ns] cannot hold is refused (converting
+    it later would wrap around silently, e.g. 3000-01-01 to 1830-11-23)."""
+    try:
+        return parse_time(text, what).as_unit("ns")
+    except (OverflowError, pd.errors.OutOfBoundsDatetime) as error:
+        raise ConfigError(f"'{what}' = {text!r} lies outside the years 1678 to 2261 that "
+                          "nanosecond times can hold", "give a time within that range") \
+            from error
+
+
 def parse_init_times(text: str) -> np.ndarray:
     """``START``, or ``START/END/STEP`` (inclusive), as datetime64[ns]."""
     parts = text.split("/")
     if len(parts) == 1:
-        return np.array([parse_time(parts[0], "init").to_datetime64()], dtype="datetime64[ns]")
+        return np.array([_init_time(parts[0], "init").to_datetime64()], dtype="datetime64[ns]")
     if len(parts) != 3:
         raise ConfigError(f"--init {text!r} is not START or START/END/STEP",
                           "write e.g. 2013-10-01/2013-12-31T18/6h")
-    start, end = parse_time(parts[0], "init start"), parse_time(parts[1], "init end")
+    start, end = _init_time(parts[0], "init start"), _init_time(parts[1], "init end")
     step = parse_timedelta(parts[2], "init step")
     if end < start or step <= pd.Timedelta(0):
         raise ConfigError(f"--init {text!r} is empty (end before start, or step <= 0)",
@@ -134,7 +148,7 @@ def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArra
     step = np.timedelta64(metadata.time_step_seconds, "s")
     history = model.history
     initial = _initial_state(state, init, history, step, options.data)
-    check_value_ranges(initial, metadata, options.data)
+    check_value_ranges(initial, metadata, options.data, init)
     members = torch.from_numpy(np.repeat(initial[None], options.members, axis=0)).to(device)
     if options.members > 1:  # member 0 is the control; the others get IC perturbations
         generator = torch.Generator().manual_seed(options.seed * 1_000_003 + index)
@@ -178,15 +192,24 @@ def forecast(options: ForecastOptions) -> Path:
         raise ConfigError("--members must be at least 1", "give 1 or more")
     final = Path(options.out)
     store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
-    fingerprint = _fingerprint(options, weathermodel.__version__)
+    # the checkpoint's contents, not only its path: a retrained model at the same path makes
+    # another forecast, which must not be mixed into (or mistaken for) this one
+    fingerprint = _fingerprint(options, weathermodel.__version__
+                               + file_checksum(options.checkpoint)[0])
     if rank == 0:
         # check the first start date's inputs before anything is written
         step = np.timedelta64(metadata.time_step_seconds, "s")
         check_value_ranges(_initial_state(state, inits[0], model.history, step, options.data),
-                           metadata, options.data)
+                           metadata, options.data, inits[0])
         _prepare_output(store, final, fingerprint, metadata, inits, n_leads, options)
     if world > 1:
         dist.barrier()
+    if out.is_complete(store):  # the same command, already finished: nothing is rewritten
+        if rank == 0 and options.output_format == "netcdf":
+            _to_netcdf(store, final)
+        if world > 1:
+            dist.barrier()
+        return final
     existing = out.done_indices(store)
     writer = out.LeadWriter(store, metadata, options.members)
     mine = [i for i in range(inits.size) if i % world == rank and i not in existing]

@@ -7,7 +7,8 @@ date is one read. ``valid_time = time + prediction_timedelta`` is a coordinate.
 
 Restart bookkeeping lives beside the store (``<out>.progress/``): an empty marker per finished
 start date, created only after all its leads are written. The store is marked complete and its
-metadata consolidated only when every start date has finished.
+metadata consolidated only when every start date has finished. A store whose estimated size
+exceeds the free space of its file system is refused before anything is written.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import xarray as xr
 import zarr
 
 from weathermodel import conventions as cv
+from weathermodel.data.store import chunk_files_bytes, require_free_space
 from weathermodel.models.forecaster import ModelMetadata
 
 
@@ -38,9 +40,23 @@ def all_levels(metadata: ModelMetadata) -> list[float]:
     return sorted({lv for lv in metadata.channel_levels if not np.isnan(lv)})
 
 
+def estimated_forecast_bytes(metadata: ModelMetadata, n_inits: int, n_leads: int,
+                             n_members: int) -> int:
+    """Disk space of a complete forecast store: per variable, one uncompressed chunk of
+    ([levels,] latitude, longitude) float32 per (start date, member, lead)."""
+    grid = len(metadata.latitude) * len(metadata.longitude) * 4
+    n_levels = len(all_levels(metadata))
+    return sum(chunk_files_bytes(n_inits * n_members * n_leads,
+                                 (1 if np.isnan(pairs[0][1]) else n_levels) * grid)
+               for pairs in variable_layout(metadata).values())
+
+
 def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.ndarray,
                           n_leads: int, n_members: int, attrs: dict[str, Any]) -> None:
-    """Write the empty store (metadata and coordinates only)."""
+    """Write the empty store (metadata and coordinates only), after checking that the
+    complete store fits in the free space of its file system."""
+    require_free_space(path, estimated_forecast_bytes(metadata, init_times.size, n_leads,
+                                                      n_members), "the forecast store")
     step = np.timedelta64(metadata.time_step_seconds, "s")
     leads = (np.arange(1, n_leads + 1) * step).astype("timedelta64[ns]")
     levels = all_levels(metadata)
@@ -127,6 +143,15 @@ def done_indices(path: Path) -> set[int]:
     if not folder.is_dir():
         return set()
     return {int(p.stem.split("-")[1].split(".")[0]) for p in folder.glob("init-*.done")}
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a forecast store marked complete (every start date finished)."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        return False
+    return bool(dict(group.attrs.get("weathermodel_forecast", {})).get("complete"))
 
 
 def finalise(path: Path, health: list[dict[str, Any]]) -> None:

@@ -1,12 +1,19 @@
 """Save and load forecasters with their configuration and data metadata; no pickle.
 
 A model file is a ``torch.save`` of plain data only (dicts, lists, strings, numbers, tensors),
-so ``torch.load(weights_only=True)`` reads it and nothing else is needed to rebuild the model.
-Writes go to a temporary file that replaces the target atomically.
+so ``torch.load(weights_only=True)`` reads it and nothing else is needed to rebuild the model:
+a file holding any other object (a pickled class, a function to call) is refused, never
+executed. Every file records a digest of its contents (``content_sha256``), checked on loading:
+``torch.load`` reads a file whose tensor bytes were damaged without complaint, and such a file
+must be refused, not forecast from. Files of an older format version are upgraded by the
+registered migrations (:mod:`weathermodel.models.migrations`) or refused with the version
+named. Writes go to a temporary file that replaces the target atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +21,41 @@ import torch
 
 import weathermodel
 from weathermodel.configuration import config_to_dict, from_dict
-from weathermodel.errors import WeatherModelError
+from weathermodel.errors import CheckpointError, storage_error
 from weathermodel.models.config import ModelConfig
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
+from weathermodel.models.migrations import CURRENT_FORMAT_VERSION, DIGEST_KEY, migrate
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = CURRENT_FORMAT_VERSION
+
+__all__ = ["CheckpointError", "MODEL_FORMAT_VERSION", "content_digest", "load_model",
+           "model_from_payload", "model_payload", "read_payload", "save_atomic", "save_model"]
 
 
-class CheckpointError(WeatherModelError):
-    """A model or checkpoint file that cannot be used."""
+def _feed(digest: Any, where: str, value: Any) -> None:
+    """Add ``value`` (nested dicts, lists, tuples, tensors, plain scalars) to ``digest``."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{where}:tensor:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"{where}:dict:{len(value)}\n".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, f"{where}/{key!r}", value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{where}:{type(value).__name__}:{len(value)}\n".encode())
+        for index, item in enumerate(value):
+            _feed(digest, f"{where}[{index}]", item)
+    else:
+        digest.update(f"{where}:{type(value).__name__}:{value!r}\n".encode())
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """sha256 of everything in a payload but the digest itself: every tensor's dtype, shape
+    and bytes and every other value, with where it lies."""
+    digest = hashlib.sha256()
+    _feed(digest, "", {k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return digest.hexdigest()
 
 
 def model_payload(model: Forecaster) -> dict[str, Any]:
@@ -37,7 +70,12 @@ def model_payload(model: Forecaster) -> dict[str, Any]:
 
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    """``torch.save`` to a temporary file beside ``path``, then rename over it.
+
+    The payload is written with the current format version and the digest of its contents.
+    """
+    payload = {**payload, "format_version": MODEL_FORMAT_VERSION}
+    payload[DIGEST_KEY] = content_digest(payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -49,13 +87,31 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write the file: {error}",
-                              "check free space and write permission", path=str(path)) from error
+        raise storage_error(error, str(path), "a file already at that path is unchanged (it is "
+                            "replaced only by a complete one)") from error
     return path
 
 
 def save_model(model: Forecaster, path: str | Path) -> Path:
     return save_atomic(model_payload(model), path)
+
+
+def _load_error(error: Exception, path: str | Path) -> CheckpointError:
+    """Explain why ``torch.load(weights_only=True)`` refused a file."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if "Weights only load failed" in text or refused:
+        what = f" ({refused.group(1)})" if refused else ""
+        return CheckpointError(
+            f"holds objects other than tensors and plain data{what}, which could run code when "
+            "unpickled; it was not loaded", "use a model file or checkpoint written by "
+            "weathermodel; do not load this file by other means unless you trust its source",
+            path=str(path))
+    return CheckpointError(f"not a readable weathermodel checkpoint ({type(error).__name__}: "
+                           f"{text.splitlines()[0][:200] if text else ''})",
+                           "the file is corrupt, truncated or not a checkpoint: use another "
+                           "checkpoint, or copy it again from where it came from",
+                           path=str(path))
 
 
 def read_payload(path: str | Path) -> dict[str, Any]:
@@ -65,20 +121,23 @@ def read_payload(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError as error:
         raise CheckpointError("no such file", "check the path", path=str(path)) from error
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for corrupt files
-        raise CheckpointError(f"not a readable weathermodel checkpoint ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200]})",
-                              "the file is corrupt, truncated or not a checkpoint: use another "
-                              "checkpoint (only plain tensors and data are ever loaded)",
-                              path=str(path)) from error
+        raise _load_error(error, path) from error
     if not isinstance(payload, dict) or "format_version" not in payload:
-        raise CheckpointError("the file holds no weathermodel format version",
-                              "use a checkpoint written by weathermodel", path=str(path))
-    version = payload["format_version"]
-    if version != MODEL_FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint format version {version} is not supported (this "
-                              f"version reads {MODEL_FORMAT_VERSION})",
-                              "use the weathermodel version that wrote it, or retrain",
+        raise CheckpointError("the file holds no weathermodel format version (e.g. a bare "
+                              "state_dict, or a file of another program)",
+                              "use a model file or checkpoint written by weathermodel",
                               path=str(path))
+    payload = migrate(payload, str(path))
+    expected = payload.get(DIGEST_KEY)
+    if expected is not None and content_digest(payload) != expected:
+        raise CheckpointError("the contents do not match the digest recorded when the file was "
+                              "written: the file is damaged (e.g. bytes changed on disk or in "
+                              "a copy)", "copy it again from where it came from, or use another "
+                              "checkpoint", path=str(path))
+    missing = [key for key in ("model_config", "metadata", "state_dict") if key not in payload]
+    if missing:
+        raise CheckpointError(f"the file lacks {missing}", "the file is damaged or not a "
+                              "weathermodel checkpoint: use another", path=str(path))
     return payload
 
 

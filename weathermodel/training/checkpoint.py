@@ -1,5 +1,10 @@
 """Self-describing training checkpoints: plain data, loadable with ``weights_only=True``.
 
+Everything in a checkpoint, the optimizer and scheduler state and the RNG states included, is
+tensors, numbers, strings, lists and dicts, so resuming reads it with ``weights_only=True``
+(through :func:`weathermodel.models.io.read_payload`, which also applies format migrations)
+and never unpickles an object.
+
 A checkpoint is a model file (:mod:`weathermodel.models.io`: configuration, data metadata,
 weights; inference needs nothing else) plus what an exact resume needs: optimizer and scheduler
 state, step, data position, the RNG states of torch, numpy and Python, the EMA weights, and the
@@ -15,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weathermodel.errors import WeatherModelError
+from weathermodel.errors import CheckpointError
 from weathermodel.models.io import model_payload, read_payload, save_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-step(\d+)\.pt$")
@@ -67,6 +72,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict[str, Any]
     path = save_atomic(payload, checkpoint_path(run_dir, state["step"]))
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for stale in path.parent.glob(".checkpoint-step*.pt.tmp*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -75,10 +82,17 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return None
-    payload = read_payload(checkpoints[-1][1])
+    try:
+        payload = read_payload(checkpoints[-1][1])
+    except CheckpointError as error:  # never fall back silently: the user decides
+        earlier = (f"the previous checkpoint (step {checkpoints[-2][0]})"
+                   if len(checkpoints) > 1 else "step 0")
+        raise CheckpointError(f"the newest checkpoint cannot be resumed from: {error.problem}",
+                              f"move this file out of the run directory to resume from "
+                              f"{earlier}, or {error.fix}", path=error.path) from error
     if payload.get("kind") != "training_checkpoint":
-        raise WeatherModelError("the newest checkpoint is a model file, not a training "
-                                "checkpoint", "resume from a training run directory",
-                                path=str(checkpoints[-1][1]))
+        raise CheckpointError("the newest checkpoint is a model file, not a training "
+                              "checkpoint", "resume from a training run directory",
+                              path=str(checkpoints[-1][1]))
     payload["path"] = str(checkpoints[-1][1])
     return payload

@@ -29,6 +29,7 @@ from weathermodel.configuration import config_to_dict, dump_config
 from weathermodel.data.dataset import WindowDataset, read_summary
 from weathermodel.errors import ConfigError, WeatherModelError
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
+from weathermodel.models.io import save_model
 from weathermodel.models.loss import WeightedMSELoss
 from weathermodel.models.mesh import cell_area_weights
 from weathermodel.training.checkpoint import (load_latest_checkpoint, restore_rng_state,
@@ -258,6 +259,8 @@ class Trainer:
             if stop_after is not None and self.step >= stop_after:
                 break
         bar.close()
+        if self.step >= config.optim.max_steps and self.fabric.global_rank == 0:
+            save_model(self._model_for_saving(), self.run_dir / "model.pt")
         for logger in self.fabric.loggers:
             logger.finalize("success")
         return last
