@@ -386,11 +386,11 @@ def main() -> int:
                 print(f"FAIL: {error}")
                 return 1
             runs[which].append(result)
+            peak, before = _mib(result["peak_kib"]), _mib(result["rss_before_kib"])
             print(f"{'ours' if which == 'ours' else 'WB2 ':4s}: {result['seconds']:8.2f} s "
                   f"evaluating ({result['process_seconds']:.1f} s with start-up), peak RSS "
-                  f"{_mib(result['peak_kib']):8.1f} MiB (VmHWM; {_mib(result['rss_before_kib']):.0f}"
-                  f" MiB after imports, +{_mib(result['peak_kib'] - result['rss_before_kib']):.0f}"
-                  f" MiB while evaluating)", flush=True)
+                  f"{peak:8.1f} MiB (VmHWM; {before:.0f} MiB after imports, "
+                  f"+{peak - before:.0f} MiB while evaluating)", flush=True)
 
         def median(which: str, key: str) -> float:
             import statistics

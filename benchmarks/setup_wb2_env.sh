@@ -58,7 +58,10 @@ else
     TMP="$(mktemp -d)"
     trap 'rm -rf "$TMP"' EXIT
     if [ -n "${WB2_SOURCE:-}" ]; then
-        [ -f "$WB2_SOURCE/setup.py" ] || { echo "WB2_SOURCE=$WB2_SOURCE holds no setup.py" >&2; exit 1; }
+        if [ ! -f "$WB2_SOURCE/setup.py" ]; then
+            echo "WB2_SOURCE=$WB2_SOURCE holds no setup.py" >&2
+            exit 1
+        fi
         SOURCE="$WB2_SOURCE"
         echo "   from WB2_SOURCE=$SOURCE"
     elif [ -d "$WB2_MIRROR" ]; then
@@ -83,7 +86,7 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch
 
-assert torch.__version__ == "2.13.0+cpu", f"expected the CPU torch 2.13.0, found {torch.__version__}"
+assert torch.__version__ == "2.13.0+cpu", f"expected CPU torch 2.13.0, found {torch.__version__}"
 from weatherbench2 import config, evaluation, metrics  # noqa: F401  (imports apache_beam)
 import weathermodel.evaluation.evaluate  # noqa: F401
 

@@ -20,10 +20,11 @@ from scipy.stats import norm
 from weathermodel.evaluation import (acc, align, bias, climatology_forecast,
                                      compute_climatology, crps, ensemble_mean_rmse,
                                      latitude_weights, mae, make_climatology, mse,
-                                     persistence_forecast, region_mask, rmse,
+                                     persistence_forecast, region_mask, resolve_weighting, rmse,
                                      rmse_sqrt_before_time_avg, score_table, spread,
                                      spread_skill_ratio, truth_dataset, zonal_energy_spectrum)
 from weathermodel.evaluation.evaluate import evaluate
+from weathermodel.errors import ConfigError
 
 pytestmark = [pytest.mark.filterwarnings("ignore:weighting='wb2_edges' on a grid"),
               pytest.mark.filterwarnings("ignore:The data type .* does not have a Zarr V3")]
@@ -175,6 +176,19 @@ def test_wb2_weights_on_the_regional_ncep_grid_differ_much_from_cos() -> None:
     np.testing.assert_allclose(latitude_weights(NCEP_LATITUDE, "edges"), cos, rtol=1e-12)
     with pytest.warns(UserWarning, match="does not reach the poles"):
         latitude_weights(NCEP_LATITUDE, "wb2_edges")
+
+
+def test_auto_weighting_is_wb2_on_global_grids_and_edges_on_regional_ones() -> None:
+    for global_latitude in (np.linspace(-90.0, 90.0, 121), np.arange(-89.5, 90.0, 1.0)):
+        assert resolve_weighting("auto", global_latitude) == "wb2_edges"
+        np.testing.assert_array_equal(latitude_weights(global_latitude),
+                                      latitude_weights(global_latitude, "wb2_edges"))
+    assert resolve_weighting("auto", NCEP_LATITUDE) == "edges"
+    np.testing.assert_array_equal(latitude_weights(NCEP_LATITUDE),
+                                  latitude_weights(NCEP_LATITUDE, "edges"))
+    assert resolve_weighting("cos", NCEP_LATITUDE) == "cos"
+    with pytest.raises(ConfigError, match="unknown weighting"):
+        resolve_weighting("area", NCEP_LATITUDE)
 
 
 @pytest.mark.parametrize("box", [(25.0, 60.0, -120.0, -75.0), (25.0, 60.0, 240.0, 285.0),
@@ -450,7 +464,8 @@ def test_persistence_on_real_ncep_data_equals_brute_force(ncep_file: Path) -> No
     for lead, steps in zip(leads, (1, 4)):
         expected = brute_persistence(truth, steps, inits)
         for name, function in (("rmse", rmse), ("mse", mse), ("mae", mae), ("bias", bias)):
-            value = function(aligned.forecast, aligned.truth).compute()["2m_temperature"]
+            value = function(aligned.forecast, aligned.truth,
+                             weighting="wb2_edges").compute()["2m_temperature"]
             assert float(value.sel(prediction_timedelta=lead)) == pytest.approx(
                 expected[name], rel=RTOL), name
         assert int(aligned.n_pairs.sel(prediction_timedelta=lead)) == expected["n_pairs"]
@@ -594,7 +609,7 @@ def test_evaluate_forecast_stores_with_baselines(ncep_file: Path, ncep_store: Pa
     assert climatology["2m_temperature"].dims == ("dayofyear", "hour", "latitude", "longitude")
     result = evaluate({"model": tmp_path / "model.zarr", "ensemble": tmp_path / "ensemble.nc"},
                       ncep_store, tmp_path / "clim.zarr", regions=["global", "north_america"],
-                      out=tmp_path / "scores.nc")
+                      out=tmp_path / "scores.nc", weighting="wb2_edges")
     scores_t2m = result["2m_temperature"]
     assert set(result["system"].values) == {"model", "ensemble", "persistence", "climatology"}
     assert scores_t2m.dims == ("system", "metric", "region", "prediction_timedelta")

@@ -158,10 +158,11 @@ def _add_evaluate(subparsers: Any) -> None:
                         help="comma-separated baselines, or 'none' (default: %(default)s)")
     parser.add_argument("--regions", help="comma-separated regions, e.g. global,tropics,"
                                           "extra_tropics_nh,north_america (default: whole grid)")
-    parser.add_argument("--weighting", choices=["wb2_edges", "edges", "cos"],
-                        default="wb2_edges",
-                        help="latitude weights: wb2_edges (WeatherBench 2, default), edges "
-                             "(better for regional grids), cos")
+    parser.add_argument("--weighting", choices=["auto", "wb2_edges", "edges", "cos"],
+                        default="auto",
+                        help="latitude weights: wb2_edges (WeatherBench 2's), edges (exact "
+                             "cell areas), cos; auto (default): wb2_edges on global grids, "
+                             "edges on regional ones")
     _add_selection_args(parser, "first initialisation time to score (ISO)",
                         "last initialisation time to score (ISO)")
     parser.add_argument("--skipna", action="store_true",

@@ -264,6 +264,19 @@ def _stack(results: Mapping[str, xr.Dataset], dim: str) -> xr.Dataset:
     return stacked.assign_coords({dim: np.array(names)})
 
 
+def _fewer_chunks(data: xr.Dataset, target_bytes: float = 32e6) -> xr.Dataset:
+    """Merge the (init, lead) chunks of a forecast-store layout into chunks of all leads and
+    as many init times as fit in ``target_bytes``: forecast stores hold one small chunk per
+    (init, lead), and the scheduling cost of tiny chunks, not the arithmetic, would dominate."""
+    if not data.chunks or cv.TIME not in data.dims:
+        return data
+    per_init = sum(var.dtype.itemsize * var.size / var.sizes[cv.TIME]
+                   for var in data.data_vars.values() if cv.TIME in var.dims)
+    inits = int(max(1, min(data.sizes[cv.TIME], target_bytes // max(per_init, 1))))
+    chunks = {cv.TIME: inits, **{dim: -1 for dim in data.dims if dim != cv.TIME}}
+    return data.chunk(chunks)
+
+
 def score_system(forecast: xr.Dataset, truth: xr.Dataset,
                  climatology: xr.Dataset | None = None, *, regions: mt.Regions = None,
                  weighting: str = mt.DEFAULT_WEIGHTING, skipna: bool = False) -> xr.Dataset:
@@ -282,7 +295,7 @@ def score_system(forecast: xr.Dataset, truth: xr.Dataset,
     """
     aligned = mt.align(forecast, truth)
     options = {"regions": regions, "weighting": weighting, "skipna": skipna}
-    prediction, verifying = aligned.forecast, aligned.truth
+    prediction, verifying = _fewer_chunks(aligned.forecast), _fewer_chunks(aligned.truth)
     results: dict[str, xr.Dataset] = {}
     if cv.MEMBER in prediction.dims:
         for name in ENSEMBLE_METRICS:
@@ -291,7 +304,8 @@ def score_system(forecast: xr.Dataset, truth: xr.Dataset,
     for name in DETERMINISTIC_METRICS:
         results[name] = getattr(mt, name)(prediction, verifying, **options)
     if climatology is not None:
-        results["acc"] = mt.acc(prediction, verifying, climatology, **options)
+        at_valid_times = _fewer_chunks(mt.climatology_for(climatology, verifying))
+        results["acc"] = mt.acc(prediction, verifying, at_valid_times, **options)
     return _stack(results, METRIC)
 
 
@@ -360,7 +374,8 @@ def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
     regions : None (whole grid), names of :data:`weathermodel.evaluation.metrics.REGIONS` or a
         mapping name -> (lat_min, lat_max, lon_min, lon_max).
     out : where to write the scores (``.nc``: netCDF, else zarr); None to only return them.
-    weighting : area weights (default ``"wb2_edges"``, WB2's; ``"edges"`` for regional grids).
+    weighting : area weights: ``"auto"`` (default: WB2's ``"wb2_edges"`` on global grids,
+        ``"edges"`` on regional ones), or one of them, or ``"cos"``.
     variables : variables to score; default all forecast variables found in the truth.
     start, end : range of initialisation times to score (ISO, inclusive).
     skipna : leave NaN out of the means (default False, as WB2).
@@ -404,7 +419,8 @@ def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
         (computed,) = dask.compute(lazy)
     scores = _n_pairs_per_system(_stack(computed, SYSTEM))
     scores = scores.assign_attrs(
-        weighting=weighting, skipna=int(skipna), truth=str(truth_path),
+        weighting=mt.resolve_weighting(weighting, truth[cv.LATITUDE].values),
+        skipna=int(skipna), truth=str(truth_path),
         climatology=str(climatology_path or ""),
         forecasts=json.dumps({k: str(v) for k, v in forecast_paths.items()}),
         conventions="WeatherBench 2: rmse = sqrt(time mean of area-weighted MSE); time = "

@@ -26,7 +26,9 @@ How a score is computed (as WB2's ``Metric.compute``)
 
 Area weights (``weighting``)
 ----------------------------
-``"wb2_edges"`` (default, for numbers comparable with WB2) replicates WB2's
+``"auto"`` (default) is ``"wb2_edges"`` on grids that reach the poles (within a spacing) and
+``"edges"`` on regional grids; the resolved choice is recorded in the scores' attributes.
+``"wb2_edges"`` (for numbers comparable with WB2) replicates WB2's
 ``get_lat_weights`` exactly: cell edges halfway between neighbouring latitudes and, whatever
 the grid, the outermost edges at -90 and +90 degrees; the weight of a row is
 sin(upper edge) - sin(lower edge), normalised to mean 1. On a global grid this is the exact
@@ -77,8 +79,8 @@ DAYOFYEAR = "dayofyear"
 HOUR = "hour"
 ZONAL_WAVENUMBER = "zonal_wavenumber"
 SPACE = (cv.LATITUDE, cv.LONGITUDE)
-DEFAULT_WEIGHTING = "wb2_edges"
-WEIGHTINGS = ("wb2_edges", "edges", "cos")
+DEFAULT_WEIGHTING = "auto"
+WEIGHTINGS = ("auto", "wb2_edges", "edges", "cos")
 #: WB2's Earth radius (mean of the equatorial and polar radii), m, used by the spectra.
 EARTH_RADIUS_M = 1000.0 * (6357.0 + 6378.0) / 2.0
 
@@ -115,9 +117,27 @@ def _wb2_edge_weights(ascending: np.ndarray) -> np.ndarray:
     return np.sin(edges[1:]) - np.sin(edges[:-1])
 
 
-def _warn_if_regional(ascending: np.ndarray) -> None:
+def _reaches_poles(ascending: np.ndarray) -> bool:
+    """True when the first and last rows lie within one grid spacing of the poles."""
+    if ascending.size < 2:
+        return False
     spacing = np.abs(np.diff(ascending))
-    if ascending[0] - spacing[0] > -90.0 + 1e-6 or ascending[-1] + spacing[-1] < 90.0 - 1e-6:
+    return bool(ascending[0] - spacing[0] <= -90.0 + 1e-6
+                and ascending[-1] + spacing[-1] >= 90.0 - 1e-6)
+
+
+def resolve_weighting(weighting: str, latitude: np.ndarray) -> str:
+    """``"auto"`` -> ``"wb2_edges"`` on a grid reaching the poles, else ``"edges"``; any other
+    choice is returned as it is (after checking it is known)."""
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"unknown weighting {weighting!r}", f"use one of {WEIGHTINGS}")
+    if weighting != "auto":
+        return weighting
+    return "wb2_edges" if _reaches_poles(np.sort(np.asarray(latitude, float))) else "edges"
+
+
+def _warn_if_regional(ascending: np.ndarray) -> None:
+    if not _reaches_poles(ascending):
         warnings.warn(
             f"weighting='wb2_edges' on a grid that does not reach the poles "
             f"({ascending[0]:g}..{ascending[-1]:g}): as in WeatherBench 2 the end rows carry the "
@@ -131,16 +151,16 @@ def latitude_weights(latitude: np.ndarray, weighting: str = DEFAULT_WEIGHTING) -
     Parameters
     ----------
     latitude : 1-D latitudes in degrees north, strictly monotonic (either order).
-    weighting : ``"wb2_edges"`` (WB2 ``get_lat_weights``: outer edges at the poles),
-        ``"edges"`` (end cells half a spacing wide) or ``"cos"``; see the module docstring.
+    weighting : ``"auto"`` (see :func:`resolve_weighting`), ``"wb2_edges"`` (WB2
+        ``get_lat_weights``: outer edges at the poles), ``"edges"`` (end cells half a spacing
+        wide) or ``"cos"``; see the module docstring.
 
     Returns
     -------
     (n_lat,) float64 weights in the order of ``latitude``, mean 1.
     """
     lat = np.asarray(latitude, dtype=np.float64)
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"unknown weighting {weighting!r}", f"use one of {WEIGHTINGS}")
+    weighting = resolve_weighting(weighting, lat)
     if lat.size == 1:
         return np.ones(1)
     if weighting != "wb2_edges":
@@ -497,7 +517,7 @@ def climatology_at(climatology: xr.Dataset, valid_time: xr.DataArray) -> xr.Data
                   valid_time[cv.TIME].values, valid_time[LEAD].values)
 
 
-def _climatology_for(climatology: xr.Dataset, truth: xr.Dataset) -> xr.Dataset:
+def climatology_for(climatology: xr.Dataset, truth: xr.Dataset) -> xr.Dataset:
     """The climatology on the truth's (time, lead, level) points."""
     if DAYOFYEAR not in climatology.dims:  # already at the valid times
         return climatology
@@ -538,7 +558,7 @@ def acc(forecast: Data, truth: Data, climatology: xr.Dataset, *, regions: Region
     Other parameters and the result as :func:`rmse`; dimensionless, 1 for a perfect forecast.
     """
     forecast, truth = _pair(forecast, truth)
-    clim = _climatology_for(as_dataset(climatology), truth)
+    clim = climatology_for(as_dataset(climatology), truth)
     averaging = _Averaging.of(truth, regions, weighting, skipna)
     forecast_anomaly, truth_anomaly = forecast - clim, truth - clim
     per_time = _ratio(averaging.space(forecast_anomaly * truth_anomaly), np.sqrt(
