@@ -23,25 +23,7 @@ VENV="${VENV_WB2:-$ROOT/.venv-wb2}"
 CONSTRAINTS="$ROOT/constraints-cpu.txt"
 WB2_MIRROR="${WB2_MIRROR:-/work/.mirror/google-research+weatherbench2/repo}"
 WB2_URL="git+https://github.com/google-research/weatherbench2"
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off -c "$CONSTRAINTS")
-
-# have NAME: NAME is installed. -I: not the egg-info in the cwd.
-have() {
-    "$PY" -I - "$1" <<'PYEOF' 2>/dev/null
-import importlib.metadata as md, sys
-try:
-    md.version(sys.argv[1])
-except md.PackageNotFoundError:
-    sys.exit(1)
-PYEOF
-}
-
-grep -q '^torch==2.13.0$' "$CONSTRAINTS" || { echo "expected torch==2.13.0 in $CONSTRAINTS" >&2; exit 1; }
-if [ ! -x "$PY" ]; then
-    echo "== creating $VENV"
-    python3 -m venv "$VENV"
-fi
+source "$ROOT/benchmarks/_peer_venv.sh"
 
 echo "== torch 2.13.0 (CPU, pinned by $CONSTRAINTS) and weathermodel (editable, no extras)"
 if have weathermodel && have torch; then

@@ -21,6 +21,7 @@ cp "$OUT/train/model.pt" "$DEST/model.pt"
 cp "$OUT/train/config.yaml" "$DEST/config.yaml"
 weathermodel demo --use-checkpoint "$DEST/model.pt" --out "$OUT/demo"
 cp "$OUT/demo/skill.md" "$DEST/skill.md"
-cp "$OUT/demo/plots/"*lead*rmse*.png "$DEST/" 2>/dev/null || true
+cp "$OUT/demo/plots/lead_time_rmse.png" docs/figures/demo_lead_time_rmse.png
+cp "$OUT/demo/plots/scorecard_rmse.png" docs/figures/demo_scorecard_rmse.png
 echo "checkpoint written to $DEST; skill:"
 cat "$DEST/skill.md"

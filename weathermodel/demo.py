@@ -63,7 +63,7 @@ class DemoOptions:
     progress: bool = True
 
 
-DEFAULT_TRAIN_STEPS = 1500
+DEFAULT_TRAIN_STEPS = 1000
 
 
 def resource_path(*parts: str) -> Path:

@@ -29,7 +29,7 @@ import logging
 import math
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -130,6 +130,21 @@ def _check_choice(value: Any, available: Sequence[Any], what: str) -> None:
                           f"choose one of {names}")
 
 
+def _one_along(data: xr.Dataset, dim: str, value: Any, kind: Callable[[Any], Any],
+               fix_without_dim: str) -> tuple[xr.Dataset, Any]:
+    """``data`` at ``value`` of ``dim`` (default: its first), and that value; ``data`` as it is
+    and None when it has no ``dim`` (then asking for a value is an error)."""
+    if dim not in data.dims:
+        if value is not None:
+            raise ConfigError(f"{dim} {value!r} asked for, but the data has no {dim} "
+                              "dimension", fix_without_dim)
+        return data, None
+    available = [kind(v) for v in data[dim].values]
+    value = available[0] if value is None else kind(value)
+    _check_choice(value, available, dim)
+    return data.sel({dim: value}), value
+
+
 def _lead_hours(leads: np.ndarray) -> np.ndarray:
     return pd.to_timedelta(leads).total_seconds().to_numpy() / 3600.0
 
@@ -152,16 +167,8 @@ def _select_metric(scores: xr.Dataset, metric: str,
                    region: str | None) -> tuple[xr.Dataset, str | None]:
     """The scores of one metric and region (default: the first region), region's name."""
     _check_choice(metric, [str(m) for m in scores[METRIC].values], "metric")
-    selected = scores.sel({METRIC: metric})
-    if mt.REGION not in selected.dims:
-        if region is not None:
-            raise ConfigError(f"region {region!r} asked for, but the scores have no regions",
-                              "leave region unset, or score with regions")
-        return selected, None
-    regions = [str(r) for r in selected[mt.REGION].values]
-    region = regions[0] if region is None else region
-    _check_choice(region, regions, "region")
-    return selected.sel({mt.REGION: region}), region
+    return _one_along(scores.sel({METRIC: metric}), mt.REGION, region, str,
+                      "leave region unset, or score with regions")
 
 
 class _Panel(NamedTuple):
@@ -454,15 +461,7 @@ def _member(forecast: xr.Dataset, member: int | None) -> tuple[xr.Dataset, str]:
 
 def _level(data: xr.Dataset, level: float | None) -> tuple[xr.Dataset, float | None]:
     """One level (default the first) when there is a level dimension."""
-    if cv.LEVEL not in data.dims:
-        if level is not None:
-            raise ConfigError(f"level {level:g} asked for, but the data has no levels",
-                              "leave level unset")
-        return data, None
-    levels = [float(v) for v in data[cv.LEVEL].values]
-    level = levels[0] if level is None else float(level)
-    _check_choice(level, levels, "level")
-    return data.sel({cv.LEVEL: level}), level
+    return _one_along(data, cv.LEVEL, level, float, "leave level unset")
 
 
 def _map_fields(forecast: xr.Dataset, truth: xr.Dataset, variable: str, init_time: Any,
