@@ -243,10 +243,10 @@ def test_kill_9_during_training_then_resume_gives_bit_identical_weights(
     a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
     for key in ("state_dict", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch"):
         _assert_identical(a[key], b[key], key)
-    # numpy's and Python's generators too; torch's global one is not compared: a resumed run
-    # draws one more DataLoader base seed from it (training/loop.py makes a new loader
-    # iterator after restoring it), which nothing in training uses today
-    for key in ("numpy", "python", "python_gauss"):
+    # and every random generator (torch's global one included: the resumed run restores it
+    # after drawing its new loader iterator's base seed, as the uninterrupted run had drawn it)
+    assert set(a["rng"]) == set(b["rng"])
+    for key in a["rng"]:
         _assert_identical(a["rng"][key], b["rng"][key], f"rng/{key}")
     assert not list((root / "killed" / "checkpoints").glob(".*tmp*"))  # no temporary left
 

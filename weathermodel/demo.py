@@ -197,8 +197,8 @@ def run_evaluation(forecast_store: Path, store: Path, climatology: Path,
 
 def skill_table(scores: xr.Dataset, variable: str | None = None,
                 leads_hours: Sequence[int] = SKILL_LEADS_HOURS) -> str:
-    """Markdown table of RMSE per system at the given leads, with the model's improvement over
-    persistence in percent (negative: the model is worse)."""
+    """Markdown table of RMSE per system at the given leads, with the model's RMSE relative to
+    persistence's ("12 % lower")."""
     variable = variable or next(iter(scores.data_vars))
     rmse = scores[variable].sel(metric="rmse")
     for dim in [d for d in rmse.dims if d not in ("system", "prediction_timedelta")]:
@@ -215,7 +215,8 @@ def skill_table(scores: xr.Dataset, variable: str | None = None,
         values = {s: float(rmse.sel(system=s, prediction_timedelta=lead)) for s in systems}
         gain = ""
         if "graph" in values and "persistence" in values:
-            gain = f"{100 * (1 - values['graph'] / values['persistence']):+.0f} %"
+            change = 100 * (values["graph"] / values["persistence"] - 1)
+            gain = f"{abs(change):.0f} % {'lower' if change < 0 else 'higher'}"
         cells = " | ".join("-" if np.isnan(values[s]) else f"{values[s]:.2f}" for s in systems)
         lines.append(f"| {hours} h | {cells} | {gain} |")
     return "\n".join(lines) + "\n"

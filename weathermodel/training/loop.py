@@ -133,6 +133,7 @@ class Trainer:
         self.sampler = ResumableSampler(self.train_set, num_replicas=self.fabric.world_size,
                                         rank=self.fabric.global_rank, shuffle=True,
                                         seed=config.seed, drop_last=True)
+        self._rng_after_resume: dict[str, Any] | None = None
         if resume:
             self._resume()
 
@@ -157,6 +158,7 @@ class Trainer:
         self.batch_in_epoch = payload["batch_in_epoch"]
         self.ema = payload.get("ema")
         restore_rng_state(payload["rng"])
+        self._rng_after_resume = payload["rng"]
         self.fabric.print(f"resumed from {payload['path']} at step {self.step}")
 
     def _save(self) -> None:
@@ -189,7 +191,13 @@ class Trainer:
                                 sampler=self.sampler, drop_last=True,
                                 num_workers=data.num_workers,
                                 prefetch_factor=data.prefetch_factor if data.num_workers else None)
-            for batch in loader:
+            batches = iter(loader)  # draws a base seed from torch's global generator
+            if self._rng_after_resume is not None:
+                # resuming: the uninterrupted run drew that seed before its checkpoint, so
+                # restore the generators after it, for the exact same random streams
+                restore_rng_state(self._rng_after_resume)
+                self._rng_after_resume = None
+            for batch in batches:
                 self.batch_in_epoch += 1  # counted when handed out: a checkpoint after this
                 yield {k: v.to(self.fabric.device) for k, v in batch.items()}  # step skips it
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
