@@ -5,7 +5,10 @@ checks the claims of checkpoints/ncep_graph_2013/MODEL_CARD.md on a subset of st
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +104,30 @@ def test_shipped_checkpoint_beats_persistence_at_every_lead(tmp_path: Path) -> N
     graph, persistence = _rmse(scores, "graph"), _rmse(scores, "persistence")
     assert graph.shape == (20,)
     assert np.all(graph < persistence), (graph, persistence)
+
+
+def test_installed_wheel_runs_the_demo_outside_the_source_tree(tmp_path: Path) -> None:
+    """`weathermodel demo` from an installed package: the wheel carries the sample, the
+    recipe, the coastlines and the checkpoint (links in the source tree become files)."""
+    root = Path(__file__).resolve().parents[1]
+    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(root)], check=True, timeout=300, cwd=tmp_path)
+    [wheel] = wheels.glob("weathermodel-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c",
+                            "import weathermodel; print(weathermodel.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=work, check=True)
+    assert where.stdout.startswith(str(target))
+    result = subprocess.run([sys.executable, "-m", "weathermodel", "demo", "--use-checkpoint",
+                             "--no-progress", "--init", "2013-10-01/2013-10-03/1d",
+                             "--lead", "1d", "--out", "demo"],
+                            capture_output=True, text=True, env=env, cwd=work, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = xr.open_dataset(work / "demo" / "scores.nc")
+    assert np.all(_rmse(scores, "graph") < _rmse(scores, "persistence"))
+    assert (work / "demo" / "plots" / "map_2m_temperature.png").stat().st_size > 10_000
