@@ -166,3 +166,16 @@ def test_registry_is_consistent() -> None:
     assert cv.channel_name("2m_temperature", None) == "2m_temperature"
     assert len(set(cv.FORCING_NAMES)) == len(cv.FORCING_NAMES)
     assert np.isclose(cv.STANDARD_GRAVITY, 9.80665)
+
+
+@pytest.mark.parametrize("text, hours", [("5d", 120), ("1d12h", 36), ("5 d", 120), ("2days", 48),
+                                         ("10D", 240), ("6h", 6), ("90min", 1.5)])
+def test_durations_in_days_parse_without_pandas_deprecation(text: str, hours: float) -> None:
+    """pandas deprecates the lowercase 'd' unit; the help texts use it, so it is mapped."""
+    import warnings
+
+    from weathermodel.data.config import parse_timedelta
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_timedelta(text).total_seconds() == hours * 3600

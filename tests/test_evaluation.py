@@ -664,3 +664,18 @@ def test_lazy_forecast_is_scored_without_loading_it(tmp_path: Path) -> None:
     assert peak < 0.25 * forecast["z"].nbytes, f"peak {peak / 1e6:.0f} MB"
     # standard normal forecast and truth: the error variance is 2
     np.testing.assert_allclose(result["z"].values, math.sqrt(2.0), rtol=0.01)
+
+
+def test_a_forecast_of_nan_is_reported(ncep_store: Path, tmp_path: Path, caplog) -> None:
+    truth = truth_dataset(ncep_store)
+    inits = pd.date_range("2013-11-01", "2013-11-02", freq="6h")
+    model = persistence_forecast(truth, inits, pd.to_timedelta(["6h", "12h"]).values)
+    broken = (model * np.nan).astype("float32")
+    broken.to_zarr(tmp_path / "broken.zarr", zarr_format=3, consolidated=False)
+    model.astype("float32").to_zarr(tmp_path / "fine.zarr", zarr_format=3, consolidated=False)
+    with caplog.at_level("WARNING", logger="weathermodel.evaluation.evaluate"):
+        scores = evaluate({"broken": tmp_path / "broken.zarr", "fine": tmp_path / "fine.zarr"},
+                          ncep_store, baselines=[])
+    assert bool(scores["2m_temperature"].sel(system="broken", metric="rmse").isnull().all())
+    messages = [r.getMessage() for r in caplog.records if "has no" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("broken has no 2m_temperature score")

@@ -328,8 +328,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup: dict, tmp_path: P
         return original(model, options, state, init, index, *rest)
 
     monkeypatch.setattr(forecast_module, "_rollout_one", recording)
+    # a chunk write cut by the kill leaves zarr's temporary file; plant one to be sure
+    chunk_dir = next(p for p in out.rglob("c") if p.is_dir())
+    (chunk_dir / "0.deadbeef.partial").write_bytes(b"cut short")
     code, err = _cli(capsys, args)
     assert code == 0, err
+    assert not list(out.rglob("*.partial"))  # the resumed run removed the leftovers
     assert not set(computed) & done_before  # finished start dates are skipped
     assert set(computed) | done_before == set(range(30))
     monkeypatch.setattr(forecast_module, "_rollout_one", original)

@@ -1,6 +1,8 @@
 """Configuration of the data path: what ``prepare`` ingests and how the loader reads it."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -180,6 +182,12 @@ def parse_time(value: str, what: str = "time") -> pd.Timestamp:
     return stamp
 
 
+_LOWERCASE_DAY = re.compile(r"(?<=\d)\s*d(?![a-z])")
+
+
 def parse_timedelta(value: str, what: str = "duration") -> pd.Timedelta:
-    """Parse a duration such as ``6h``, ``1d`` or ``30min``."""
+    """Parse a duration such as ``6h``, ``1d`` or ``30min`` (``d`` is read as pandas' ``D``,
+    whose lowercase spelling pandas deprecates)."""
+    if isinstance(value, str):
+        value = _LOWERCASE_DAY.sub("D", value)
     return _parse(pd.Timedelta, value, what, "a duration such as 6h, 1d or 30min")

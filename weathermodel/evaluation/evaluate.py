@@ -354,6 +354,21 @@ def _n_pairs_per_system(scores: xr.Dataset) -> xr.Dataset:
     return scores.assign_coords({mt.N_PAIRS: per_system})
 
 
+def _warn_about_unscored(scores: xr.Dataset) -> None:
+    """Log a warning for every system and variable whose RMSE is missing at every lead (NaN in
+    the forecast, e.g. a model that diverged: its forecast store's health report says where)."""
+    for name in scores.data_vars:
+        rmse = scores[name].sel({METRIC: "rmse"})
+        others = [dim for dim in rmse.dims if dim not in (SYSTEM, mt.LEAD)]
+        unscored = rmse.isnull().all([mt.LEAD, *others])
+        for system in scores[SYSTEM].values[unscored.values]:
+            reason = ("the climatology does not cover these dates: build it from a period "
+                      "that does" if system == "climatology" else
+                      "its forecast holds NaN (see the health report in the forecast store's "
+                      "attributes)")
+            log.warning("%s has no %s score at any lead: %s", system, name, reason)
+
+
 def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
              climatology_path: str | Path | None = None,
              baselines: Sequence[str] = BASELINES, regions: mt.Regions = None,
@@ -418,6 +433,7 @@ def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
         log.info("computing scores of %s", list(lazy))
         (computed,) = dask.compute(lazy)
     scores = _n_pairs_per_system(_stack(computed, SYSTEM))
+    _warn_about_unscored(scores)
     scores = scores.assign_attrs(
         weighting=mt.resolve_weighting(weighting, truth[cv.LATITUDE].values),
         skipna=int(skipna), truth=str(truth_path),

@@ -30,6 +30,7 @@ import weathermodel
 from weathermodel.data.config import parse_time, parse_timedelta
 from weathermodel.data.forcings import compute_forcings
 from weathermodel.data.sources import file_checksum
+from weathermodel.data.store import remove_partial_writes
 from weathermodel.errors import ConfigError, DataError, WeatherModelError
 from weathermodel.inference import output as out
 from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
@@ -248,7 +249,10 @@ def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits:
             raise WeatherModelError("the output path holds another forecast or other data; it "
                                     "is left untouched", "choose another --out, or delete it",
                                     path=str(store))
-        return  # same command: resume
+        # same command: resume, without the temporary files of chunk writes a kill cut short
+        # (only rank 0 runs this, before the other ranks pass the barrier and write)
+        remove_partial_writes(store)
+        return
     if options.output_format == "netcdf" and final.exists():
         raise WeatherModelError("the output file exists; it is left untouched",
                                 "choose another --out, or delete it", path=str(final))
