@@ -92,6 +92,19 @@ def test_rerun_reuses_every_stage(reduced_demo: tuple[Path, str]) -> None:
     xr.testing.assert_identical(xr.open_dataset(out / "scores.nc").load(), before)
 
 
+def test_a_forecast_of_another_model_is_replaced(reduced_demo: tuple[Path, str]) -> None:
+    """The demo owns its folder: switching to the shipped checkpoint replaces the forecast
+    of the trained model instead of refusing it or mixing the two (runs after the rerun)."""
+    out, _ = reduced_demo
+    trained = _rmse(xr.open_dataset(out / "scores.nc").load(), "graph")
+    result = run_cli("demo", "--out", str(out), "--use-checkpoint", "--no-progress",
+                     "--init", "2013-10-01/2013-10-10T12/12h", "--lead", "2d", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped = _rmse(xr.open_dataset(out / "scores.nc").load(), "graph")
+    assert shipped.shape == trained.shape and not np.allclose(shipped, trained)
+    assert not Path(f"{out / 'forecast.zarr'}.progress").exists()
+
+
 def test_shipped_checkpoint_beats_persistence_at_every_lead(tmp_path: Path) -> None:
     """The model card's claim on a subset of its start dates (every 5th day of Oct-Dec)."""
     assert resource_path("checkpoints", SHIPPED_CHECKPOINT).is_file()

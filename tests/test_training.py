@@ -103,6 +103,33 @@ def test_interrupted_then_resumed_run_is_exact(store: Path, tmp_path: Path) -> N
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
 
 
+def test_resume_continues_every_random_generator_from_the_checkpoint(store: Path,
+                                                                      tmp_path: Path) -> None:
+    """After a resume, once the first batch is drawn (which draws a loader seed from torch's
+    generator, as the uninterrupted run did before its checkpoint), every generator is where
+    the checkpoint left it, whatever the new process did to them before."""
+    import random
+
+    import numpy as np
+
+    from weathermodel.training.checkpoint import load_latest_checkpoint, rng_state
+
+    Trainer(from_dict(TrainConfig, small_config(store, tmp_path / "c")),
+            progress=False).fit(stop_after=5)
+    saved = load_latest_checkpoint(tmp_path / "c")["rng"]
+    resumed = Trainer(from_dict(TrainConfig, small_config(store, tmp_path / "c")),
+                      resume=True, progress=False)
+    torch.manual_seed(12345)  # a new process's generators, anywhere but at the checkpoint
+    np.random.seed(12345)
+    random.seed(12345)
+    next(resumed._batches())
+    now = rng_state()
+    assert torch.equal(now["torch"], saved["torch"])
+    assert torch.equal(now["numpy"]["keys"], saved["numpy"]["keys"])
+    assert now["numpy"]["position"] == saved["numpy"]["position"]
+    assert now["python"] == saved["python"]
+
+
 def test_resume_refuses_another_configuration(store: Path, tmp_path: Path) -> None:
     Trainer(from_dict(TrainConfig, small_config(store, tmp_path / "r", **{
         "optim.max_steps": 4})), progress=False).fit()

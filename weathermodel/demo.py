@@ -120,16 +120,15 @@ def train_config(store: Path, run_dir: Path, train_steps: int | None,
     from weathermodel.configuration import load_config
     from weathermodel.training.config import TrainConfig
 
-    base = load_config(TrainConfig, resource_path("configs", TRAIN_CONFIG),
-                       [f"data.store={json.dumps(str(store))}",
-                        f"run_dir={json.dumps(str(run_dir))}"])
+    recipe = resource_path("configs", TRAIN_CONFIG)
+    places = [f"data.store={json.dumps(str(store))}", f"run_dir={json.dumps(str(run_dir))}"]
+    base = load_config(TrainConfig, recipe, places)
     steps = train_steps or min(DEFAULT_TRAIN_STEPS, base.optim.max_steps)
     scale = steps / base.optim.max_steps
     schedule = [{"from_step": int(round(stage.from_step * scale)), "rollout": stage.rollout}
                 for stage in base.rollout_schedule]
-    return load_config(TrainConfig, resource_path("configs", TRAIN_CONFIG), [
-        f"data.store={json.dumps(str(store))}", f"run_dir={json.dumps(str(run_dir))}",
-        f"optim.max_steps={steps}",
+    return load_config(TrainConfig, recipe, [
+        *places, f"optim.max_steps={steps}",
         f"optim.warmup_steps={min(base.optim.warmup_steps, max(1, steps // 10))}",
         f"rollout_schedule={json.dumps(schedule)}",
         f"checkpoint_every={max(1, min(base.checkpoint_every, steps))}",
@@ -152,19 +151,19 @@ def train_model(store: Path, out_dir: Path, options: DemoOptions) -> Path:
 
 
 def run_forecast(checkpoint: Path, store: Path, out_dir: Path, options: DemoOptions) -> Path:
-    """Stage 3: forecasts from every start date (resumes an interrupted run)."""
-    from weathermodel.inference.forecast import ForecastOptions, forecast
+    """Stage 3: forecasts from every start date (resumes an interrupted run; replaces the
+    forecast of another model or other dates, since the demo owns its output folder)."""
+    from weathermodel.inference.forecast import (ForecastOptions, forecast,
+                                                 forecast_fingerprint, stored_fingerprint)
+    from weathermodel.inference.output import progress_dir
 
     out = out_dir / "forecast.zarr"
-    fingerprint = out_dir / "forecast.checkpoint"
-    if out.exists() and (not fingerprint.exists()
-                         or fingerprint.read_text() != str(checkpoint.resolve())):
-        shutil.rmtree(out)  # a forecast of another model: the demo owns this folder
-        shutil.rmtree(out.with_name(out.name + ".progress"), ignore_errors=True)
-    fingerprint.write_text(str(checkpoint.resolve()))
-    return forecast(ForecastOptions(checkpoint=str(checkpoint), data=str(store),
-                                    init=options.init, lead=options.lead, out=str(out),
-                                    progress=options.progress))
+    run = ForecastOptions(checkpoint=str(checkpoint), data=str(store), init=options.init,
+                          lead=options.lead, out=str(out), progress=options.progress)
+    if out.exists() and stored_fingerprint(out) != forecast_fingerprint(run):
+        shutil.rmtree(out)
+        shutil.rmtree(progress_dir(out), ignore_errors=True)
+    return forecast(run)
 
 
 def build_climatology(store: Path, out_dir: Path) -> Path:
@@ -180,18 +179,13 @@ def build_climatology(store: Path, out_dir: Path) -> Path:
 def run_evaluation(forecast_store: Path, store: Path, climatology: Path,
                    out_dir: Path) -> xr.Dataset:
     """Stage 5: scores of the model and the baselines, spectra and plots."""
-    from weathermodel.evaluation.evaluate import (energy_spectra, evaluate, open_forecast,
-                                                  truth_dataset)
-    from weathermodel.evaluation.plots import write_evaluation_plots
+    from weathermodel.evaluation.evaluate import evaluate, plot_evaluation
 
-    scores = evaluate({"graph": str(forecast_store)}, store, climatology,
-                      out=out_dir / "scores.nc", weighting="edges")
-    forecast = open_forecast(forecast_store)
-    truth = truth_dataset(store)
-    spectra = energy_spectra({"graph": forecast}, truth)
-    spectra.to_netcdf(out_dir / "spectra.nc")
-    write_evaluation_plots(scores, out_dir / "plots", forecast=forecast, truth=truth,
-                           spectra=spectra, reference="persistence")
+    forecasts = {"graph": str(forecast_store)}
+    scores = evaluate(forecasts, store, climatology, out=out_dir / "scores.nc",
+                      weighting="edges")
+    plot_evaluation(scores, forecasts, store, out_dir / "plots",
+                    spectra_out=out_dir / "spectra.nc")
     return scores
 
 

@@ -566,7 +566,8 @@ def energy_spectra(forecasts: Mapping[str, xr.Dataset], truth: xr.Dataset,
 def plot_evaluation(scores: xr.Dataset, forecast_paths: Mapping[str, str | Path],
                     truth_path: str | Path, out_dir: str | Path, *,
                     start: str | None = None, end: str | None = None,
-                    reference: str = "persistence", scheduler: str | None = None) -> list[Path]:
+                    reference: str = "persistence", scheduler: str | None = None,
+                    spectra_out: str | Path | None = None) -> list[Path]:
     """Spectra of the forecast stores and the truth, then every plot of
     :func:`weathermodel.evaluation.plots.write_evaluation_plots` into ``out_dir``.
 
@@ -575,6 +576,7 @@ def plot_evaluation(scores: xr.Dataset, forecast_paths: Mapping[str, str | Path]
     scores : from :func:`evaluate` for the same forecasts; its variables are plotted.
     forecast_paths, truth_path, start, end, scheduler : as given to :func:`evaluate`.
     reference : system the scorecards compare against.
+    spectra_out : also write the spectra there (``.nc``: netCDF, else zarr).
 
     Returns
     -------
@@ -589,6 +591,8 @@ def plot_evaluation(scores: xr.Dataset, forecast_paths: Mapping[str, str | Path]
                    for name, path in forecast_paths.items()}
         truth, systems = _select(truth, systems, [str(v) for v in scores.data_vars])
         spectra = energy_spectra(systems, truth)
+        if spectra_out is not None:
+            save_dataset(spectra, spectra_out)
         return write_evaluation_plots(scores, out_dir, forecast=next(iter(systems.values())),
                                       truth=truth, spectra=spectra, reference=reference)
 

@@ -390,15 +390,22 @@ def _ratio(numerator: xr.Dataset, denominator: xr.Dataset) -> xr.Dataset:
 _UNIT_POWER = {"mse": 2, "acc": 0, "spread_skill_ratio": 0}
 
 
+def score_units(metric: str, units: str) -> str:
+    """Units of ``metric`` of a variable in ``units``: squared for mse, "1" for acc and
+    spread_skill_ratio, the variable's own otherwise."""
+    power = _UNIT_POWER.get(metric, 1)
+    if power == 0:
+        return "1"
+    return f"({units})2" if power == 2 and units else units
+
+
 def _finish(result: xr.Dataset, truth: xr.Dataset, metric: str) -> xr.Dataset:
     """Dims (region, lead, level, ...), units and the metric's name in the attributes."""
     order = [d for d in (REGION, LEAD, cv.LEVEL) if d in result.dims]
     result = result.transpose(*order, ...)
-    power = _UNIT_POWER.get(metric, 1)
     for name in result.data_vars:
-        units = str(truth[name].attrs.get("units", ""))
-        result[name].attrs = {"units": "1" if power == 0 else (
-            f"({units})2" if power == 2 and units else units), "metric": metric}
+        units = score_units(metric, str(truth[name].attrs.get("units", "")))
+        result[name].attrs = {"units": units, "metric": metric}
     return result.assign_attrs(metric=metric)
 
 

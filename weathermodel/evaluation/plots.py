@@ -153,16 +153,6 @@ def _level_label(name: str, level: float | None) -> str:
     return name if level is None else f"{name} {level:g} hPa"
 
 
-def _metric_units(metric: str, units: str) -> str:
-    """Units of a score of a variable in ``units`` (mse: squared; acc, ratios: 1)."""
-    power = mt._UNIT_POWER.get(metric, 1)
-    if power == 0:
-        return "1"
-    if power == 2 and units:
-        return f"({units})2"
-    return units
-
-
 def _select_metric(scores: xr.Dataset, metric: str,
                    region: str | None) -> tuple[xr.Dataset, str | None]:
     """The scores of one metric and region (default: the first region), region's name."""
@@ -220,7 +210,7 @@ def _lead_panel(axes: Axes, panel: _Panel, metric: str, hours: np.ndarray) -> No
             axes.plot(hours, values, marker=MARKERS[index % len(MARKERS)], label=str(system))
     axes.set_title(panel.label)
     axes.set_xlabel("lead time [h]")
-    axes.set_ylabel(f"{metric} [{_metric_units(metric, panel.units)}]")
+    axes.set_ylabel(f"{metric} [{mt.score_units(metric, panel.units)}]")
     axes.set_xticks(hours if hours.size <= 10 else hours[::math.ceil(hours.size / 10)])
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

@@ -124,7 +124,8 @@ def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str,
     other_axes = tuple(i for i in range(values.ndim) if i != channel_axis)
     when = f" at start date {init}" if init is not None else ""
     bad = (~np.isfinite(values)).sum(axis=other_axes)
-    for index in np.flatnonzero(bad):
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
         share = bad[index] / (values.size / values.shape[channel_axis])
         raise DataError(
             f"the initial values of '{metadata.channels[index]}'{when} hold {int(bad[index])} "

@@ -102,10 +102,24 @@ def _distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def _fingerprint(options: ForecastOptions, payload_version: str) -> str:
+def forecast_fingerprint(options: ForecastOptions) -> str:
+    """What identifies a forecast run: every option but ``out`` and ``progress``, the package
+    version and the checkpoint's contents, not only its path (a retrained model at the same
+    path makes another forecast, which must not be mixed into, or mistaken for, this one)."""
     fields = {k: v for k, v in vars(options).items() if k not in ("progress", "out")}
-    text = json.dumps(fields, sort_keys=True) + payload_version
+    text = (json.dumps(fields, sort_keys=True) + weathermodel.__version__
+            + file_checksum(options.checkpoint)[0])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stored_fingerprint(store: Path) -> str | None:
+    """The fingerprint of the run that created the forecast store ``store`` (None when there
+    is no readable forecast store there)."""
+    try:
+        attrs = xr.open_zarr(store, consolidated=False).attrs.get("weathermodel_forecast", {})
+    except Exception:  # noqa: BLE001 - anything unreadable is "not our forecast"
+        return None
+    return attrs.get("fingerprint")
 
 
 def _initial_state(state: xr.DataArray, init: np.datetime64, history: int,
@@ -193,10 +207,7 @@ def forecast(options: ForecastOptions) -> Path:
         raise ConfigError("--members must be at least 1", "give 1 or more")
     final = Path(options.out)
     store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
-    # the checkpoint's contents, not only its path: a retrained model at the same path makes
-    # another forecast, which must not be mixed into (or mistaken for) this one
-    fingerprint = _fingerprint(options, weathermodel.__version__
-                               + file_checksum(options.checkpoint)[0])
+    fingerprint = forecast_fingerprint(options)
     if rank == 0:
         # check the first start date's inputs before anything is written
         step = np.timedelta64(metadata.time_step_seconds, "s")
@@ -241,11 +252,7 @@ def forecast(options: ForecastOptions) -> Path:
 def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits: np.ndarray,
                     n_leads: int, options: ForecastOptions) -> None:
     if store.exists():
-        try:
-            attrs = xr.open_zarr(store, consolidated=False).attrs.get("weathermodel_forecast", {})
-        except Exception:  # noqa: BLE001
-            attrs = {}
-        if attrs.get("fingerprint") != fingerprint:
+        if stored_fingerprint(store) != fingerprint:
             raise WeatherModelError("the output path holds another forecast or other data; it "
                                     "is left untouched", "choose another --out, or delete it",
                                     path=str(store))

@@ -157,8 +157,7 @@ class Trainer:
         self.step, self.epoch = payload["step"], payload["epoch"]
         self.batch_in_epoch = payload["batch_in_epoch"]
         self.ema = payload.get("ema")
-        restore_rng_state(payload["rng"])
-        self._rng_after_resume = payload["rng"]
+        self._rng_after_resume = payload["rng"]  # restored in _batches, see there
         self.fabric.print(f"resumed from {payload['path']} at step {self.step}")
 
     def _save(self) -> None:
