@@ -139,9 +139,16 @@ def test_activation_checkpointing_and_bf16(store: Path) -> None:
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(outputs[0], outputs[1])
     torch.testing.assert_close(grads[0], grads[1])
-    low = make_model(store, "graph", bf16=True)
-    with torch.no_grad():
+    # bf16 comes from the caller's autocast (Fabric's precision): the forecaster must not
+    # switch it off (it once opened autocast(enabled=False) inside forward)
+    low = make_model(store, "graph")
+    inner_dtypes = []
+    first_linear = next(m for m in low.network.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda module, args, output: inner_dtypes.append(
+        output.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reduced = low(data["inputs"], data["forcings"][:, :3])
+    assert inner_dtypes and set(inner_dtypes) == {torch.bfloat16}
     assert reduced.dtype == torch.float32 and torch.isfinite(reduced).all()
     scale = float(low.tendency_std.mean())
     assert float((reduced - outputs[0]).abs().max()) < 0.5 * scale

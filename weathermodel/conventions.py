@@ -50,7 +50,17 @@ class VariableInfo:
     aliases : short names found in real files (ECMWF paramId short names, CMIP, NCEP).
     plausible_range : (low, high) in canonical units; a source whose values fall outside is
         refused, because that almost always means wrong units.
-    kind : "state" (prognostic), "static" (time-invariant) or "diagnostic".
+    kind : the variable's default role (Anemoi's variable roles; a training config overrides
+        them per variable):
+
+        * ``"state"``: prognostic, an input and a predicted output fed back in the rollout;
+        * ``"forcing"``: read from the data, an input only, never predicted (e.g. sea surface
+          temperature, Anemoi's ``forcing:``);
+        * ``"diagnostic"``: predicted, never an input (e.g. precipitation, Anemoi's
+          ``diagnostic:``);
+        * ``"computed"``: a forcing the package computes itself (TOA incident radiation); a
+          source's copy is not ingested;
+        * ``"static"``: time-invariant, stored with the statics.
     """
 
     name: str
@@ -69,11 +79,14 @@ _VARIABLES: tuple[VariableInfo, ...] = (
     VariableInfo("geopotential", "geopotential", "m2 s-2", True, ("z", "phi", "geopot"),
                  (-5.0e3, 5.0e5)),
     VariableInfo("geopotential_height", "geopotential_height", "m", True, ("gh", "zg", "hgt"),
-                 (-600.0, 5.0e4), kind="diagnostic"),
+                 (-600.0, 5.0e4)),
     VariableInfo("u_component_of_wind", "eastward_wind", "m s-1", True, ("u", "ua", "uwnd", "U"),
                  (-250.0, 250.0)),
     VariableInfo("v_component_of_wind", "northward_wind", "m s-1", True, ("v", "va", "vwnd", "V"),
                  (-250.0, 250.0)),
+    VariableInfo("vorticity", "atmosphere_relative_vorticity", "s-1", True, ("vo", "vor", "rv"),
+                 (-0.02, 0.02)),
+    VariableInfo("divergence", "divergence_of_wind", "s-1", True, ("d", "div"), (-0.02, 0.02)),
     VariableInfo("vertical_velocity", "lagrangian_tendency_of_air_pressure", "Pa s-1", True,
                  ("w", "wap", "omega"), (-50.0, 50.0)),
     VariableInfo("specific_humidity", "specific_humidity", "kg kg-1", True, ("q", "hus", "shum"),
@@ -95,16 +108,18 @@ _VARIABLES: tuple[VariableInfo, ...] = (
                  ("msl", "mslp", "psl", "prmsl", "slp"), (8.5e4, 1.1e5)),
     VariableInfo("surface_pressure", "surface_air_pressure", "Pa", False, ("sp", "ps"),
                  (4.0e4, 1.1e5)),
-    VariableInfo("total_precipitation", "precipitation_amount", "m", False, ("tp", "pr"),
-                 (-1e-3, 1.0)),
+    VariableInfo("total_precipitation", "precipitation_amount", "m", False, ("tp",),
+                 (-1e-3, 1.0), kind="diagnostic"),
     VariableInfo("total_precipitation_6hr", "precipitation_amount", "m", False, ("tp6",),
-                 (-1e-3, 1.0)),
+                 (-1e-3, 1.0), kind="diagnostic"),
+    VariableInfo("mean_total_precipitation_rate", "precipitation_flux", "kg m-2 s-1", False,
+                 ("tprate", "mtpr", "pr"), (-1e-4, 0.1), kind="diagnostic"),
     VariableInfo("sea_surface_temperature", "sea_surface_temperature", "K", False,
-                 ("sst", "tos"), (260.0, 320.0)),
+                 ("sst", "tos"), (260.0, 320.0), kind="forcing"),
     VariableInfo("sea_ice_cover", "sea_ice_area_fraction", "1", False, ("siconc", "ci"),
-                 (0.0, 1.0)),
+                 (0.0, 1.0), kind="forcing"),
     VariableInfo("toa_incident_solar_radiation", "toa_incoming_shortwave_flux", "J m-2", False,
-                 ("tisr",), (0.0, 5.5e6), kind="forcing"),
+                 ("tisr",), (0.0, 5.5e6), kind="computed"),
     VariableInfo("land_sea_mask", "land_binary_mask", "1", False, ("lsm", "sftlf", "land"),
                  (0.0, 1.0), kind="static"),
     VariableInfo("geopotential_at_surface", "surface_geopotential", "m2 s-2", False,
@@ -128,6 +143,18 @@ GRID_STATIC_NAMES: tuple[str, ...] = (
     "sin_longitude",
     "cos_longitude",
 )
+
+
+#: Roles of the channels a model sees (see :class:`VariableInfo`): prognostic (in and out),
+#: forcing (in only) and diagnostic (out only).
+PROGNOSTIC, FORCING, DIAGNOSTIC = "prognostic", "forcing", "diagnostic"
+_DEFAULT_ROLE = {"state": PROGNOSTIC, "forcing": FORCING, "diagnostic": DIAGNOSTIC}
+
+
+def default_role(variable: str) -> str:
+    """The role a variable takes unless a config says otherwise (its registry kind)."""
+    info = VARIABLES.get(variable)
+    return _DEFAULT_ROLE.get(info.kind, PROGNOSTIC) if info is not None else PROGNOSTIC
 
 
 def lookup_variable(name: str, has_levels: bool | None = None) -> VariableInfo | None:

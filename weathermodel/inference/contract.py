@@ -7,6 +7,7 @@ metadata; any mismatch is an error naming the problem and the fix, never a silen
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +70,14 @@ def open_initial_conditions(path: str, metadata: ModelMetadata) -> xr.DataArray:
             raise _grid_error(name, mine, theirs, path)
     times = state[cv.TIME].values
     # duplicated or unordered times are refused here, not met as a pandas error later
-    inspect_time_axis(times, pd.Timedelta(seconds=metadata.time_step_seconds), path)
+    inspect_time_axis(times, None, path)
     if times.size > 1:
         steps = np.unique(np.diff(times).astype("timedelta64[s]").astype(np.int64))
-        if metadata.time_step_seconds not in steps:
-            raise DataError(f"time steps {sorted(steps.tolist())} s do not include the "
+        if not any(metadata.time_step_seconds % step == 0 for step in steps if step > 0):
+            raise DataError(f"time steps {sorted(steps.tolist())} s do not divide the "
                             f"checkpoint's {metadata.time_step_seconds} s",
-                            "give data at the model's time step", path=path)
+                            "give data at the model's time step (or a divisor of it, e.g. "
+                            "hourly data for a 6-hour model)", path=path)
     return state
 
 
@@ -83,7 +85,14 @@ def _stack_canonical(ds: xr.Dataset, metadata: ModelMetadata, path: str
                      ) -> tuple[xr.DataArray, dict[str, str]]:
     """Channels from a dataset in canonical names (time, [level,] latitude, longitude)."""
     arrays, units = [], {}
-    for variable, level in zip(metadata.channel_variables, metadata.channel_levels):
+    template = None
+    for variable, level, role in zip(metadata.channel_variables, metadata.channel_levels,
+                                     metadata.channel_roles):
+        if variable not in ds and role == cv.DIAGNOSTIC:  # an output only: not needed as input
+            arrays.append(None)
+            units[variable] = next(v["units"] for v in metadata.variables
+                                   if v["name"] == variable)
+            continue
         if variable not in ds:
             raise DataError(f"variable '{variable}' of the checkpoint is missing (the data has "
                             f"{sorted(map(str, ds.data_vars))})",
@@ -99,6 +108,10 @@ def _stack_canonical(ds: xr.Dataset, metadata: ModelMetadata, path: str
         if cv.MEMBER not in array.dims:
             array = array.expand_dims({cv.MEMBER: [0]}, axis=1)
         arrays.append(array.transpose(cv.TIME, cv.MEMBER, cv.LATITUDE, cv.LONGITUDE))
+        template = arrays[-1]
+    # absent diagnostics: NaN channels of the right shape (never read as inputs)
+    arrays = [array if array is not None else xr.full_like(template, np.nan, dtype="float32")
+              for array in arrays]
     state = xr.concat(arrays, dim=cv.CHANNEL, coords="minimal", compat="override")
     state = state.transpose(cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
     return state.assign_coords({cv.CHANNEL: metadata.channels}), units
@@ -123,7 +136,12 @@ def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str,
     channel_axis = 2 if values.ndim == 5 else 1
     other_axes = tuple(i for i in range(values.ndim) if i != channel_axis)
     when = f" at start date {init}" if init is not None else ""
-    bad = (~np.isfinite(values)).sum(axis=other_axes)
+    # only inputs are checked: diagnostics are never read; channels that had missing values in
+    # training are imputed by the model (NaN allowed there)
+    checked = np.zeros(len(metadata.channels), dtype=bool)
+    checked[metadata.role_index(cv.PROGNOSTIC, cv.FORCING)] = True
+    imputed = np.asarray(metadata.channel_has_missing, dtype=bool)
+    bad = (~np.isfinite(values)).sum(axis=other_axes) * (checked & ~imputed)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
         share = bad[index] / (values.size / values.shape[channel_axis])
@@ -134,10 +152,12 @@ def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str,
             "dates where the data is complete", path=where, variable=metadata.channels[index])
     low = np.asarray(metadata.mean) - RANGE_TOLERANCE_STD * np.asarray(metadata.std)
     high = np.asarray(metadata.mean) + RANGE_TOLERANCE_STD * np.asarray(metadata.std)
-    channel_means = np.mean(values, axis=other_axes)
+    with warnings.catch_warnings():  # an all-missing imputed or diagnostic channel: NaN mean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        channel_means = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=other_axes)
     units = {v["name"]: v["units"] for v in metadata.variables}
     for index, mean in enumerate(np.atleast_1d(channel_means)):
-        if not low[index] <= mean <= high[index]:
+        if checked[index] and np.isfinite(mean) and not low[index] <= mean <= high[index]:
             kelvin = units.get(metadata.channel_variables[index]) == "K"
             hint = " (they look like degrees Celsius)" if kelvin and -90 < mean < 60 else ""
             raise DataError(

@@ -135,16 +135,33 @@ def _initial_state(state: xr.DataArray, init: np.datetime64, history: int,
 
 
 def _health(state: torch.Tensor, model: Forecaster, limit: float) -> list[str]:
+    """Problems of the predicted channels of one step: NaN/inf, or values more than ``limit``
+    training std from the training mean (one device-to-host copy for all channels)."""
+    index = model.output_channel_index
+    values = state[:, index]
+    finite = torch.isfinite(values).flatten(2).all(-1).all(0)
+    z = ((torch.nan_to_num(values) - model.mean[:, index]) / model.std[:, index]).abs()
+    largest = z.flatten(2).amax(-1).amax(0)
+    finite, largest = finite.cpu().tolist(), largest.cpu().tolist()
     problems = []
-    finite = torch.isfinite(state)
-    for channel, name in enumerate(model.metadata.channels):
-        if not bool(finite[:, channel].all()):
+    for position, channel in enumerate(index.tolist()):
+        name = model.metadata.channels[channel]
+        if not finite[position]:
             problems.append(f"{name}: NaN or inf")
-            continue
-        z = (state[:, channel] - model.mean[0, channel]) / model.std[0, channel]
-        if float(z.abs().max()) > limit:
-            problems.append(f"{name}: {float(z.abs().max()):.1f} std from the training mean")
+        elif largest[position] > limit:
+            problems.append(f"{name}: {largest[position]:.1f} std from the training mean")
     return problems
+
+
+def _forcing_channels_at(state: xr.DataArray, model: Forecaster, time: np.datetime64
+                         ) -> np.ndarray | None:
+    """The data's forcing channels (e.g. sea surface temperature) at ``time``
+    (channel, lat, lon), or None when the data does not reach that time (they are then
+    persisted from the last input)."""
+    index = model.forcing_channel_index.tolist()
+    if not index or time not in state.indexes["time"]:
+        return None
+    return state.isel(channel=index).sel(time=time).values[0]
 
 
 def _predict(model: Forecaster, members: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
@@ -171,6 +188,10 @@ def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArra
         noise[0] = 0
         members = members + options.perturbation * noise * model.tendency_std.view(1, 1, -1, 1, 1)
     lat, lon = np.asarray(metadata.latitude), np.asarray(metadata.longitude)
+    # the imputer's inverse (Anemoi): outputs are missing where the initial state was
+    missing_at_start = torch.from_numpy(np.isnan(initial[-1]) & np.asarray(
+        metadata.channel_has_missing)[:, None, None]).to(device)
+    forcing_index = model.forcing_channel_index
     report = []
     with torch.no_grad():
         for lead in range(n_leads):
@@ -179,6 +200,9 @@ def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArra
                                                          lon)).to(device)
             forcings = forcings[None].expand(options.members, -1, -1, -1, -1)
             prediction = _predict(model, members, forcings)
+            observed = _forcing_channels_at(state, model, times[-1].astype("datetime64[ns]"))
+            if observed is not None:
+                prediction[:, forcing_index] = torch.from_numpy(observed).to(device)
             problems = _health(prediction, model, options.health_std)
             if problems:
                 entry = {"init": str(init), "lead_hours": (lead + 1) * metadata.time_step_seconds
@@ -190,7 +214,8 @@ def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArra
                                             "inspect the model and inputs, or pass "
                                             "--on-unhealthy flag to continue and flag",
                                             path=options.out)
-            writer.write(index, lead, prediction.float().cpu().numpy())
+            written = prediction.masked_fill(missing_at_start, float("nan"))
+            writer.write(index, lead, written.float().cpu().numpy())
             members = torch.cat([members[:, 1:], prediction[:, None]], dim=1)
     return report
 

@@ -28,16 +28,19 @@ from weathermodel.models.forecaster import ModelMetadata
 
 
 def variable_layout(metadata: ModelMetadata) -> dict[str, list[tuple[int, float]]]:
-    """For each variable, its (channel index, level) pairs in level order."""
+    """For each predicted variable (prognostic and diagnostic; forcings are inputs only and
+    not written), its (channel index, level) pairs in level order."""
     layout: dict[str, list[tuple[int, float]]] = {}
-    for index, (variable, level) in enumerate(zip(metadata.channel_variables,
-                                                  metadata.channel_levels)):
+    for index in metadata.role_index(cv.PROGNOSTIC, cv.DIAGNOSTIC):
+        variable, level = metadata.channel_variables[index], metadata.channel_levels[index]
         layout.setdefault(variable, []).append((index, level))
     return {name: sorted(pairs, key=lambda p: p[1]) for name, pairs in layout.items()}
 
 
 def all_levels(metadata: ModelMetadata) -> list[float]:
-    return sorted({lv for lv in metadata.channel_levels if not np.isnan(lv)})
+    """The pressure levels (hPa) of the forecast store."""
+    return sorted({level for pairs in variable_layout(metadata).values()
+                   for _, level in pairs if not np.isnan(level)})
 
 
 def estimated_forecast_bytes(metadata: ModelMetadata, n_inits: int, n_leads: int,

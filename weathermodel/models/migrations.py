@@ -14,12 +14,16 @@ Layout history
 1
     ``format_version``, ``package_version``, ``model_config``, ``metadata``, ``state_dict``
     (training checkpoints add ``kind``, optimizer, scheduler, RNG, data position, ...).
-2 (current)
+2
     Version 1 plus ``content_sha256``: a digest of every tensor and value of the payload,
     written by :func:`weathermodel.models.io.save_atomic` and checked on loading, so that a
     file damaged inside its tensor data (which ``torch.load`` reads without complaint) is
     refused instead of giving wrong weights. Version 1 files are migrated with
     ``content_sha256 = None``: they load, unverified.
+3 (current)
+    Variable roles: ``metadata`` gains ``channel_roles`` and ``channel_has_missing``, and the
+    model configuration loses ``bf16`` (training's ``precision`` is the one switch). Version 2
+    files are migrated with every channel prognostic and none imputed, as they were trained.
 
 To change the layout: bump ``CURRENT_FORMAT_VERSION``, write the new layout in
 ``model_payload``, and register a function here that turns a payload of the previous version
@@ -37,7 +41,7 @@ from typing import Any, Callable
 from weathermodel.errors import CheckpointError
 
 #: the layout :func:`weathermodel.models.io.model_payload` writes
-CURRENT_FORMAT_VERSION = 2
+CURRENT_FORMAT_VERSION = 3
 #: the payload key holding the digest of the contents (from version 2)
 DIGEST_KEY = "content_sha256"
 
@@ -133,4 +137,18 @@ def migrate(payload: dict[str, Any], path: str | None = None) -> dict[str, Any]:
 def _v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """Version 1 files carry no digest of their contents: they load unverified."""
     payload[DIGEST_KEY] = None
+    return payload
+
+
+@register_migration(2)
+def _v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 models treat every channel as prognostic and never impute."""
+    config = dict(payload["model_config"])
+    config.pop("bf16", None)
+    payload["model_config"] = config
+    metadata = dict(payload["metadata"])
+    n_channels = len(metadata["channels"])
+    metadata.setdefault("channel_roles", ["prognostic"] * n_channels)
+    metadata.setdefault("channel_has_missing", [False] * n_channels)
+    payload["metadata"] = metadata
     return payload
