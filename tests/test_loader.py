@@ -156,7 +156,9 @@ def test_direct_chunk_reads_equal_zarr_reads(ncep_file: Path, tmp_path: Path) ->
     np.testing.assert_array_equal(fast[3]["inputs"].numpy(), state[3:5, 0])
 
 
-def test_missing_values_filled_with_channel_mean(ncep_file: Path, tmp_path: Path) -> None:
+def test_missing_values_come_back_as_nan(ncep_file: Path, tmp_path: Path) -> None:
+    """The loader returns the store's values as they are (NaN where missing): imputation is
+    the model's job, and the loss masks missing targets."""
     ds = xr.open_dataset(ncep_file).isel(time=slice(0, 12)).load()
     ds["air"][:, :5, :5] = np.nan  # a masked corner, as outside a regional domain
     ds.to_netcdf(tmp_path / "corner.nc")
@@ -165,9 +167,10 @@ def test_missing_values_filled_with_channel_mean(ncep_file: Path, tmp_path: Path
         "max_missing_fraction": 0.05}), progress=False)
     summary = open_store(store)
     assert float(summary["missing_fraction"].values[0]) == pytest.approx(25 / (25 * 53))
-    sample = WindowDataset(store, 1, 1)[0]["inputs"].numpy()
-    assert np.isfinite(sample).all()
-    mean = float(summary["mean"].values[0])
-    np.testing.assert_allclose(sample[0, 0, -5:, :5], mean)  # latitude flipped: corner at top
-    raw = WindowDataset(store, 1, 1, fill_missing=False)[0]["inputs"].numpy()
-    assert np.isnan(raw).sum() == 25
+    sample = WindowDataset(store, 1, 1)[0]
+    for key in ("inputs", "targets"):
+        values = sample[key].numpy()
+        assert np.isnan(values).sum() == 25
+        assert np.isnan(values[0, 0, -5:, :5]).all()  # latitude flipped: corner at the top
+    np.testing.assert_array_equal(sample["inputs"].numpy()[0, 0],
+                                  summary["state"].values[0, 0, 0])

@@ -35,6 +35,9 @@ def _add_prepare(subparsers: Any) -> None:
     parser.add_argument("--time-block", type=int, help="time steps written per task")
     parser.add_argument("--compressor", choices=["none", "zstd"])
     parser.add_argument("--dask-scheduler", help="address of a dask distributed scheduler")
+    parser.add_argument("--statistics-period", metavar="START/END",
+                        help="period (inclusive, ISO) of the normalisation statistics, e.g. "
+                             "2013-01-01/2013-09-30T18 (default: the whole record)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store made from other inputs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -46,6 +49,19 @@ def _split_sources_and_overrides(args: argparse.Namespace) -> tuple[list[str], l
     sources = [s for s in args.sources if "=" not in s or s.startswith(("http", "gs:", "s3:"))]
     overrides = [s for s in args.sources if s not in sources] + list(args.overrides)
     return sources, overrides
+
+
+def _date_range_flag(value: str | None, flag: str) -> dict[str, str] | None:
+    """``START/END`` -> ``{"start": START, "end": END}`` (None when the flag is absent)."""
+    from weathermodel.errors import ConfigError
+
+    if value is None:
+        return None
+    parts = value.split("/")
+    if len(parts) != 2 or not all(part.strip() for part in parts):
+        raise ConfigError(f"{flag} {value!r} is not of the form START/END",
+                          f"write e.g. {flag} 2013-01-01/2013-09-30T18")
+    return {"start": parts[0].strip(), "end": parts[1].strip()}
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -61,6 +77,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         "compressor": args.compressor, "dask_scheduler": args.dask_scheduler,
         "variables": args.variables.split(",") if args.variables else None,
         "levels": [float(v) for v in args.levels.split(",")] if args.levels else None,
+        "statistics": _date_range_flag(args.statistics_period, "--statistics-period"),
     }
     flag_overrides = [f"{key}={json.dumps(value)}" for key, value in flag_values.items()
                       if value is not None]

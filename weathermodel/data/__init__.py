@@ -7,7 +7,8 @@ from importlib import import_module
 _EXPORTS = {
     "DataConfig": "config", "DateRange": "config", "PrepareConfig": "config",
     "SourceSpec": "config", "VariableSpec": "config", "WeatherDataModule": "datamodule",
-    "WindowDataset": "dataset", "read_summary": "dataset", "prepare": "prepare",
+    "WindowDataset": "dataset", "read_summary": "dataset", "training_summary": "dataset",
+    "prepare": "prepare",
     "open_store": "store",
 }
 __all__ = sorted(_EXPORTS)

@@ -8,6 +8,7 @@ can be read with one ``readinto`` per state into a preallocated array: one copy,
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ _PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
 
 
 class TimeSliceReader:
-    """Reads ``array[start:stop, i, j, ...]`` of one array of a store.
+    """Reads ``array[start:stop, i, j, ...]`` (or chosen time indices) of one array of a store.
 
     Parameters
     ----------
@@ -46,13 +47,23 @@ class TimeSliceReader:
         (each of which must be chunked by 1), whole along the rest. float32."""
         if not self.fast:
             return np.asarray(self._zarr[(slice(start, stop), *index)], dtype=np.float32)
+        return self.read_times(range(start, stop), *index)
+
+    def read_times(self, times: Sequence[int], *index: int) -> np.ndarray:
+        """Values of the given time indices (any order, e.g. every 6th hourly state), and
+        only those: one read per time. float32, shape (len(times), ...)."""
+        times = [int(t) for t in times]
+        if not self.fast:
+            selection = np.asarray(times, dtype=np.int64)
+            return np.asarray(self._zarr.get_orthogonal_selection((selection, *index)),
+                              dtype=np.float32)
         rest = self.shape[1 + len(index):]
         if any(self.chunks[1 + k] != 1 for k in range(len(index))):
             raise ValueError("indexed dimensions must be chunked by one")
-        out = np.empty((stop - start, *rest), dtype=np.float32)
+        out = np.empty((len(times), *rest), dtype=np.float32)
         tail = "/".join("0" for _ in rest)
         prefix = "/".join(str(i) for i in index)
-        for row, time in enumerate(range(start, stop)):
+        for row, time in enumerate(times):
             key = "/".join(part for part in (str(time), prefix, tail) if part)
             target = memoryview(out[row]).cast("B")
             try:

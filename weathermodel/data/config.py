@@ -80,6 +80,11 @@ class PrepareConfig:
     time_block : time steps computed and written per task (bounds memory).
     compressor : ``none`` (fastest reads) or ``zstd`` (smaller store).
     dask_scheduler : address of a dask distributed scheduler; empty: local threads.
+    statistics : period (inclusive) of the normalisation statistics written into the store
+        (e.g. the training months, so that validation and test months do not leak into them);
+        empty: the whole record. The times actually used are recorded in the store metadata
+        as ``statistics_period``. Training computes (and caches in the store) statistics of
+        its own training range when it differs.
     """
 
     sources: list[SourceSpec]
@@ -94,6 +99,7 @@ class PrepareConfig:
     time_block: int = 32
     compressor: Literal["none", "zstd"] = "none"
     dask_scheduler: str | None = None
+    statistics: DateRange | None = None
 
     def validate(self) -> None:
         if not self.sources:
@@ -112,6 +118,8 @@ class PrepareConfig:
                 parse_time(value, name)
         if self.time_step is not None:
             parse_timedelta(self.time_step, "time_step")
+        if self.statistics is not None:
+            self.statistics.validate()
 
 
 @dataclass
@@ -139,10 +147,16 @@ class DataConfig:
     train, validation, test : ranges of initialisation times (the last input state's time).
         Every time of a window must lie in the range, so that ranges do not leak into
         each other.
+    time_step : the model's time step (``6h``), a positive multiple of the store's step;
+        empty: the store's step. Windows are then states that many store steps apart.
+    statistics : period of the normalisation statistics; empty: the training range (or the
+        store's own statistics when ``train`` is empty). A period overlapping the validation or
+        test range is allowed but logged as a warning (it leaks them into the normalisation).
     batch_size : samples per batch on each process.
     num_workers : loader worker processes per training process.
     prefetch_factor : batches loaded in advance by each worker.
-    fill_missing : replace missing (NaN) values by the channel mean of the store statistics.
+
+    Missing values (NaN in the store) are returned as NaN; the model imputes them.
     """
 
     store: str
@@ -151,15 +165,24 @@ class DataConfig:
     train: DateRange | None = None
     validation: DateRange | None = None
     test: DateRange | None = None
+    time_step: str | None = None
+    statistics: DateRange | None = None
     batch_size: int = 4
     num_workers: int = 0
     prefetch_factor: int = 2
-    fill_missing: bool = True
 
     def validate(self) -> None:
         if self.history < 1 or self.rollout < 1:
             raise ConfigError("'history' and 'rollout' must be at least 1",
                               "give positive integers")
+        if self.time_step is not None and parse_timedelta(self.time_step, "time_step") <= \
+                pd.Timedelta(0):
+            raise ConfigError(f"'time_step' = {self.time_step!r} is not a positive duration",
+                              "give the model's step, e.g. 6h, or leave it empty for the "
+                              "store's step")
+        for period in (self.train, self.validation, self.test, self.statistics):
+            if period is not None:
+                period.validate()
         if self.batch_size < 1:
             raise ConfigError("'batch_size' must be at least 1", "give a positive integer")
 

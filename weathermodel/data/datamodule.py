@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from weathermodel.data.config import DataConfig, DateRange
-from weathermodel.data.dataset import StoreSummary, WindowDataset, read_summary
+from weathermodel.data.dataset import StoreSummary, WindowDataset, training_summary
 
 
 def process_rank_and_count(trainer: L.Trainer | None = None) -> tuple[int, int]:
@@ -36,13 +36,15 @@ class WeatherDataModule(L.LightningDataModule):
 
     @property
     def summary(self) -> StoreSummary:
+        """The store at the model's step, with statistics of the training range (see
+        :func:`~weathermodel.data.dataset.training_summary`)."""
         if self._summary is None:
-            self._summary = read_summary(self.config.store)
+            self._summary = training_summary(self.config)
         return self._summary
 
     def dataset(self, date_range: DateRange | None) -> WindowDataset:
         return WindowDataset(self.config.store, self.config.history, self.config.rollout,
-                             date_range, self.config.fill_missing, summary=self.summary)
+                             date_range, summary=self.summary)
 
     def _loader(self, date_range: DateRange | None, shuffle: bool) -> DataLoader:
         dataset = self.dataset(date_range)

@@ -4,6 +4,11 @@ Each step checks before it converts. Conversions that are exact (Celsius to Kelv
 geopotential height to geopotential, a flipped latitude axis, a -180..180 longitude axis) are
 applied and returned in a log; anything ambiguous raises :class:`DataError` naming the file,
 the variable and the fix.
+
+What is left out, on purpose: CF cell-bounds variables (``time_bnds``, ``lat_bnds``...), names
+that are not known variables, and variables the package computes itself (kind ``computed``,
+e.g. ``tisr``); each is recorded in the notes. A source without any time axis is a file of
+static fields (ERA5's ``static.nc``: surface geopotential ``z``, land-sea mask ``lsm``).
 """
 from __future__ import annotations
 
@@ -36,6 +41,14 @@ class CanonicalSource:
     path: str
     variables: dict[str, xr.DataArray]
     notes: list[str] = field(default_factory=list)
+    #: time-invariant fields (kind ``static``), dims ``(latitude, longitude)``, float32
+    statics: dict[str, xr.DataArray] = field(default_factory=dict)
+    #: names of the source's data variables that were not ingested (unknown or computed)
+    skipped: list[str] = field(default_factory=list)
+
+    def any_field(self) -> xr.DataArray | None:
+        """One ingested field (time-varying first), to read the grid from; None if none."""
+        return next(iter(self.variables.values()), next(iter(self.statics.values()), None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +74,15 @@ def _time_dimension(ds: xr.Dataset) -> str | None:
         if name in ds.dims:
             return name
     return None
+
+
+def has_time_axis(ds: xr.Dataset, spec: SourceSpec) -> bool:
+    """Whether :func:`decode_time` can give the source a time: a time dimension, a scalar
+    datetime ``time`` coordinate, or an ``assume_time`` in the spec."""
+    if _time_dimension(ds) is not None or spec.assume_time is not None:
+        return True
+    scalar = ds.coords.get("time")
+    return scalar is not None and scalar.ndim == 0 and np.issubdtype(scalar.dtype, np.datetime64)
 
 
 def decode_time(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[str]) -> xr.Dataset:
@@ -145,6 +167,32 @@ def spec_time_units(ds: xr.Dataset, name: str, declared: str | None) -> str | No
 # --------------------------------------------------------------------------------------------
 # dimensions and grid
 # --------------------------------------------------------------------------------------------
+#: Dimensions that only CF cell-bounds variables have (CDO, NCO, CMOR, xESMF spellings).
+BOUNDS_DIMENSIONS = ("nv", "nv2", "nb2", "nbnd", "nbnds", "bnds", "bnd", "bounds", "vertices",
+                     "nvertex")
+
+
+def drop_bounds(ds: xr.Dataset, path: str, notes: list[str]) -> xr.Dataset:
+    """Drop CF cell-bounds variables: those a coordinate names in its ``bounds`` (or
+    ``climatology``) attribute, and any variable with a bounds dimension (``nv``, ``bnds``...).
+
+    Cell bounds describe the grid, they are not data; left in, their extra dimension would make
+    the whole source refused.
+    """
+    named = set()
+    for variable in ds.variables.values():
+        for key in ("bounds", "climatology"):
+            value = variable.attrs.get(key, variable.encoding.get(key))
+            if isinstance(value, str):
+                named.add(value)
+    drop = sorted(str(name) for name, variable in ds.variables.items()
+                  if name in named or any(d in BOUNDS_DIMENSIONS for d in variable.dims))
+    if not drop:
+        return ds
+    notes.append(f"{path}: ignored cell-bounds variable(s) {drop}")
+    return ds.drop_vars(drop)
+
+
 def rename_dimensions(ds: xr.Dataset, spec: SourceSpec, path: str) -> xr.Dataset:
     """Rename aliased dims to canonical names, select or squeeze the others."""
     for canonical in (cv.MEMBER, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE):
@@ -212,9 +260,14 @@ def normalise_grid(ds: xr.Dataset, path: str, notes: list[str]) -> xr.Dataset:
         notes.append(f"{path}: flipped latitude to ascending")
     lon = ds[cv.LONGITUDE].values.astype("float64")
     lon360 = np.mod(lon, 360.0)
-    # a source may wrap once (e.g. 180..359, 0..179); anything else is out of order
-    rolled = np.roll(lon360, -int(np.argmin(lon360)))
-    _check_monotonic(np.unwrap(rolled, period=360.0), cv.LONGITUDE, path)
+    # a source may wrap once, as stored (180..359, 0..179 of a global grid; 350..357.5, 0..2
+    # of a region across the prime meridian): unwrapped, the axis must then be monotonic
+    unwrapped = np.unwrap(lon360, period=360.0)
+    _check_monotonic(unwrapped, cv.LONGITUDE, path)
+    if np.ptp(unwrapped) > 360.0 + 1e-6:
+        raise DataError(f"longitudes go round the globe more than once ({lon[0]:g} .. "
+                        f"{lon[-1]:g}, {lon.size} points)",
+                        "keep one turn of longitudes (drop the repeated columns)", path=path)
     convention = _longitude_convention(lon360)
     new_lon = lon360 if convention == "0..360" else np.mod(lon360 + 180.0, 360.0) - 180.0
     if np.unique(np.round(new_lon, 6)).size != new_lon.size:
@@ -259,9 +312,20 @@ def _original_level_name(ds: xr.Dataset) -> str | None:
 # --------------------------------------------------------------------------------------------
 # variables and units
 # --------------------------------------------------------------------------------------------
+_ACCUMULATION_PERIOD = re.compile(r".+_\d+hr")
+
+
 def _identify(name: str, array: xr.DataArray) -> cv.VariableInfo | None:
-    has_levels = cv.LEVEL in array.dims
-    for candidate in (name, array.attrs.get("GRIB_shortName"), array.attrs.get("short_name")):
+    """The canonical variable of a source variable, by name, GRIB short name or alias; the
+    level dimension (under any of its names) tells ``z`` (geopotential) from ``z`` (surface
+    geopotential)."""
+    has_levels = any(dim in cv.DIMENSION_ALIASES[cv.LEVEL] for dim in array.dims)
+    candidates = [name, array.attrs.get("GRIB_shortName"), array.attrs.get("short_name")]
+    if _ACCUMULATION_PERIOD.fullmatch(name):
+        # WB2 tags total_precipitation_24hr with ERA5's short name 'tp' (an hourly amount):
+        # a name stating another accumulation period is identified by its name only
+        candidates = [name]
+    for candidate in candidates:
         if candidate:
             info = cv.lookup_variable(str(candidate), has_levels)
             if info is not None:
@@ -289,7 +353,8 @@ def check_plausible(array: xr.DataArray, info: cv.VariableInfo, path: str) -> No
 
     Checks the first time step only, so it stays cheap for long records.
     """
-    sample = array.isel({cv.TIME: 0, cv.MEMBER: 0}).values.astype("float64")
+    sample = array.isel({d: 0 for d in (cv.TIME, cv.MEMBER) if d in array.dims})
+    sample = sample.values.astype("float64")
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         return  # all missing: the missing-value check reports it
@@ -350,19 +415,52 @@ def _convert_units(array: xr.DataArray, spec: VariableSpec | None, info: cv.Vari
     return array, target
 
 
-def to_canonical(ds: xr.Dataset, spec: SourceSpec, path: str) -> CanonicalSource:
-    """Convert one opened dataset to canonical variables (see module docstring)."""
-    notes: list[str] = []
-    level_name = _original_level_name(ds)
-    ds = decode_time(ds, spec, path, notes)
-    ds = rename_dimensions(ds, spec, path)
-    ds = normalise_grid(ds, path, notes)
-    ds = normalise_levels(ds, level_name, path, notes)
-    if cv.MEMBER in ds.coords and cv.MEMBER not in ds.dims:
-        ds = ds.drop_vars(cv.MEMBER)
-    if cv.MEMBER not in ds.dims:
-        ds = ds.expand_dims({cv.MEMBER: [0]}, axis=1)
+def _refuse_time_dependent_fields(ds: xr.Dataset, spec: SourceSpec, path: str) -> None:
+    """A source with no time axis may hold static fields only (ERA5's ``static.nc``)."""
+    dynamic = []
+    for name in map(str, ds.data_vars):
+        if spec.variables:
+            info = cv.VARIABLES[spec.variables[name].name] if name in spec.variables else None
+        else:
+            info = _identify(name, ds[name])
+        if info is not None and info.kind not in ("static", "computed"):
+            dynamic.append(name)
+    if dynamic:
+        raise DataError(f"the source has no time dimension (dimensions: "
+                        f"{sorted(map(str, ds.dims))}), and {dynamic} are not static fields",
+                        "give the source an assume_time (one state); select one value of any "
+                        "other leading dimension with select: {DIM: VALUE}", path=path)
 
+
+def _note_experiment_versions(ds: xr.Dataset, path: str, notes: list[str]) -> xr.Dataset:
+    """Record which times come from which ERA5 experiment version, then drop ``expver``.
+
+    ERA5 downloads mix final ERA5 (``0001``) with preliminary ERA5T (``0005``) for the last
+    months; ERA5T is replaced by final data about two to three months later.
+    """
+    expver = ds.coords.get("expver")
+    if expver is None or expver.dims != (cv.TIME,):
+        return ds
+    versions = np.asarray(expver.values).astype(str)
+    times = pd.DatetimeIndex(ds[cv.TIME].values)
+    parts = []
+    for version in dict.fromkeys(versions):
+        where = times[versions == version]
+        parts.append(f"{version} for {where.size} step(s) from {where[0]} to {where[-1]}")
+    notes.append(f"{path}: expver (ERA5 experiment version) {'; '.join(parts)}"
+                 + ("; 0005 is preliminary ERA5T" if "0005" in versions else ""))
+    return ds.drop_vars("expver")
+
+
+def _choose_variables(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[str],
+                      skipped: list[str]) -> dict[str, tuple[VariableSpec | None,
+                                                             cv.VariableInfo]]:
+    """The source variables to ingest, with their spec and canonical variable.
+
+    Without a mapping in the spec, every variable whose name or alias is known; unknown names
+    are skipped. Variables the package computes itself (kind ``computed``) are skipped either
+    way, with a note.
+    """
     if spec.variables:
         missing = [name for name in spec.variables if name not in ds.data_vars]
         if missing:
@@ -370,44 +468,96 @@ def to_canonical(ds: xr.Dataset, spec: SourceSpec, path: str) -> CanonicalSource
                             f"{sorted(map(str, ds.data_vars))})",
                             "fix the names under 'variables' in the source spec",
                             path=path, variable=missing[0])
-        chosen = {name: (spec.variables[name], cv.VARIABLES[spec.variables[name].name])
-                  for name in spec.variables}
+        candidates = {name: (spec.variables[name], cv.VARIABLES[spec.variables[name].name])
+                      for name in spec.variables}
     else:
-        chosen = {}
-        for name in ds.data_vars:
-            info = _identify(str(name), ds[name])
+        candidates = {}
+        for name in map(str, ds.data_vars):
+            info = _identify(name, ds[name])
             if info is None:
                 log.info("%s: skipping variable '%s' (not a known variable)", path, name)
+                skipped.append(name)
                 continue
-            chosen[str(name)] = (None, info)
+            candidates[name] = (None, info)
+    chosen = {}
+    for name, (var_spec, info) in candidates.items():
+        if info.kind == "computed":
+            note = (f"{path}: skipped '{name}' ({info.name}): it is computed by weathermodel "
+                    "as a forcing, not read from sources")
+            log.info(note)
+            notes.append(note)
+            skipped.append(name)
+            continue
+        chosen[name] = (var_spec, info)
+    return chosen
+
+
+def _attach_level(array: xr.DataArray, var_spec: VariableSpec | None, info: cv.VariableInfo,
+                  path: str, source_name: str) -> xr.DataArray:
+    """Give a field the level its spec names, and check levels against the variable."""
+    if var_spec is not None and var_spec.level is not None:
+        if cv.LEVEL in array.dims:
+            raise DataError("a level is given in the config but the variable has levels",
+                            "remove 'level' from its spec", path=path, variable=source_name)
+        array = array.expand_dims({cv.LEVEL: [float(var_spec.level)]},
+                                  axis=array.dims.index(cv.LATITUDE))
+    if info.has_levels and cv.LEVEL not in array.dims:
+        raise DataError(f"'{info.name}' is a pressure-level variable but this field has no "
+                        "level", "give its level in the source spec (level: 500)",
+                        path=path, variable=source_name)
+    if not info.has_levels and cv.LEVEL in array.dims:
+        raise DataError(f"'{info.name}' is a single-level variable but this field has "
+                        "levels", "map it to the pressure-level variable instead",
+                        path=path, variable=source_name)
+    return array
+
+
+def to_canonical(ds: xr.Dataset, spec: SourceSpec, path: str) -> CanonicalSource:
+    """Convert one opened dataset to canonical variables (see module docstring).
+
+    Time-varying fields go to ``variables`` with dims ``(time, number, [level,] latitude,
+    longitude)``; static fields (kind ``static``: land-sea mask, surface geopotential, i.e.
+    ``z`` without levels) to ``statics`` with dims ``(latitude, longitude)``, the first time
+    and member of a source that has them. A source with no time axis (and no
+    ``assume_time``) may hold static fields only.
+    """
+    notes: list[str] = []
+    skipped: list[str] = []
+    level_name = _original_level_name(ds)
+    ds = drop_bounds(ds, path, notes)
+    timed = has_time_axis(ds, spec)
+    if timed:
+        ds = decode_time(ds, spec, path, notes)
+        ds = _note_experiment_versions(ds, path, notes)
+    else:
+        _refuse_time_dependent_fields(ds, spec, path)
+        notes.append(f"{path}: no time axis; read as static fields")
+    ds = rename_dimensions(ds, spec, path)
+    ds = normalise_grid(ds, path, notes)
+    ds = normalise_levels(ds, level_name, path, notes)
+    if cv.MEMBER in ds.coords and cv.MEMBER not in ds.dims:
+        ds = ds.drop_vars(cv.MEMBER)
+    if timed and cv.MEMBER not in ds.dims:
+        ds = ds.expand_dims({cv.MEMBER: [0]}, axis=1)
 
     variables: dict[str, xr.DataArray] = {}
-    for source_name, (var_spec, info) in chosen.items():
+    statics: dict[str, xr.DataArray] = {}
+    for source_name, (var_spec, info) in _choose_variables(ds, spec, path, notes,
+                                                           skipped).items():
         array = ds[source_name]
         if cv.LATITUDE not in array.dims or cv.LONGITUDE not in array.dims:
             raise DataError(f"variable has dims {array.dims}, not a latitude-longitude field",
                             "drop it from the source spec", path=path, variable=source_name)
-        if cv.TIME not in array.dims:
-            if info.kind != "static":
-                raise DataError(f"'{info.name}' has no time dimension, but it is not a static "
-                                "field", "give the variable a time axis, or map it to a static "
-                                "variable", path=path, variable=source_name)
-            array = array.expand_dims({cv.TIME: ds[cv.TIME].values[:1]})
-        if cv.MEMBER not in array.dims:
+        if info.kind == "static":  # time-invariant: the first time and member
+            array = array.isel({d: 0 for d in (cv.TIME, cv.MEMBER) if d in array.dims},
+                               drop=True)
+        elif cv.TIME not in array.dims:
+            raise DataError(f"'{info.name}' has no time dimension, but it is not a static "
+                            "field", "give the variable a time axis, or map it to a static "
+                            "variable", path=path, variable=source_name)
+        elif cv.MEMBER not in array.dims:
             array = array.expand_dims({cv.MEMBER: ds[cv.MEMBER].values[:1]}, axis=1)
-        if var_spec is not None and var_spec.level is not None:
-            if cv.LEVEL in array.dims:
-                raise DataError("a level is given in the config but the variable has levels",
-                                "remove 'level' from its spec", path=path, variable=source_name)
-            array = array.expand_dims({cv.LEVEL: [float(var_spec.level)]}, axis=2)
-        if info.has_levels and cv.LEVEL not in array.dims:
-            raise DataError(f"'{info.name}' is a pressure-level variable but this field has no "
-                            "level", "give its level in the source spec (level: 500)",
-                            path=path, variable=source_name)
-        if not info.has_levels and cv.LEVEL in array.dims:
-            raise DataError(f"'{info.name}' is a single-level variable but this field has "
-                            "levels", "map it to the pressure-level variable instead",
-                            path=path, variable=source_name)
+        array = _attach_level(array, var_spec, info, path, source_name)
         order = [d for d in (cv.TIME, cv.MEMBER, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE)
                  if d in array.dims]
         array = array.transpose(*order)
@@ -415,9 +565,14 @@ def to_canonical(ds: xr.Dataset, spec: SourceSpec, path: str) -> CanonicalSource
         array = array.astype("float32")
         array.name = source_name
         check_plausible(array, target, path)
-        if target.name in variables:
+        destination = statics if target.kind == "static" else variables
+        if target.name in destination:
             raise DataError(f"two variables of the source map to '{target.name}'",
                             "map only one of them in the source spec", path=path,
                             variable=source_name)
-        variables[target.name] = array.rename(target.name).drop_attrs()
-    return CanonicalSource(path=path, variables=variables, notes=notes)
+        array = array.rename(target.name).drop_attrs()
+        if target.kind == "static":
+            array = array.reset_coords(drop=True)
+        destination[target.name] = array
+    return CanonicalSource(path=path, variables=variables, notes=notes, statics=statics,
+                           skipped=skipped)

@@ -29,12 +29,13 @@ import weathermodel
 from weathermodel import conventions as cv
 from weathermodel.configuration import config_to_dict
 from weathermodel.data import store as st
-from weathermodel.data.config import PrepareConfig, parse_time, parse_timedelta
+from weathermodel.data.config import DateRange, PrepareConfig, parse_time, parse_timedelta
 from weathermodel.data.forcings import compute_forcings, grid_static_fields
 from weathermodel.data.grid import describe_grid
 from weathermodel.data.normalize import CanonicalSource, to_canonical
 from weathermodel.data.sources import OpenedSource, open_sources
-from weathermodel.data.statistics import channel_statistics, pooled_statistics
+from weathermodel.data.statistics import (period_indices, period_label, pooled_statistics,
+                                          store_statistics)
 from weathermodel.data.timeaxis import TimeAxisReport, inspect_time_axis
 from weathermodel.errors import DataError, StoreError
 
@@ -52,14 +53,19 @@ class Combined:
     notes: list[str]
     #: the input file(s) each channel comes from, to name them in errors found while writing
     channel_sources: list[str] = field(default_factory=list)
+    #: fixed masks of forcing channels: channel index -> (number, latitude, longitude) bool,
+    #: True where the forcing is NaN at the first and the last time of the record (e.g. sea
+    #: surface temperature over land); those NaNs are not missing data (see _check_missing)
+    forcing_masks: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 _NO_LEVEL = float("nan")  # the level key of single-level variables
 
 
 def _check_same_grid(reference: CanonicalSource, other: CanonicalSource) -> None:
-    first = next(iter(reference.variables.values()))
-    second = next(iter(other.variables.values()))
+    first, second = reference.any_field(), other.any_field()
+    if first is None or second is None:
+        _refuse_empty_source(other if second is None else reference)
     for name in (cv.LATITUDE, cv.LONGITUDE):
         a, b = first[name].values, second[name].values
         if a.shape != b.shape or not np.allclose(a, b, atol=1e-5):
@@ -77,16 +83,41 @@ def _concat_time(pieces: list[xr.DataArray], name: str) -> xr.DataArray:
     return combined.sortby(cv.TIME)
 
 
+def _refuse_empty_source(source: CanonicalSource) -> None:
+    found = f" (its variables: {source.skipped})" if source.skipped else ""
+    raise DataError(f"no known variable in this source{found}",
+                    "map its variables to canonical names under sources[].variables "
+                    "(e.g. variables: {NAME: {name: 2m_temperature}}), or remove the source",
+                    path=source.path)
+
+
+def _fixed_forcing_masks(state: xr.DataArray, variables: list[str]) -> dict[int, np.ndarray]:
+    """NaN masks of the forcing channels: NaN at both the first and the last time."""
+    indices = [i for i, name in enumerate(variables) if cv.VARIABLES[name].kind == "forcing"]
+    if not indices:
+        return {}
+    ends = state.isel({cv.TIME: [0, -1], cv.CHANNEL: indices}).values  # (2, member, c, y, x)
+    masks = np.isnan(ends).all(axis=0)
+    return {index: masks[:, k] for k, index in enumerate(indices) if masks[:, k].any()}
+
+
 def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Combined:
-    """Stack canonical variables into channels, on one grid and one time axis."""
-    if not sources or not any(s.variables for s in sources):
-        raise DataError("no known variable found in the sources",
-                        "map the variables explicitly under sources[].variables",
-                        path=sources[0].path if sources else None)
+    """Stack canonical variables into channels, on one grid and one time axis.
+
+    Time-varying variables (whatever their role: state, forcing or diagnostic) become the
+    channels of ``state``; static fields (land-sea mask, surface geopotential) are taken from
+    the first source that has them.
+    """
+    if not sources:
+        raise DataError("no source given", "name at least one input file or store")
+    for source in sources:
+        if source.any_field() is None:
+            _refuse_empty_source(source)
     for other in sources[1:]:
         _check_same_grid(sources[0], other)
     pieces: dict[str, list[xr.DataArray]] = {}
     origins: dict[str, list[str]] = {}
+    statics_found: dict[str, xr.DataArray] = {}
     for source in sources:
         for name, array in source.variables.items():
             index = pd.DatetimeIndex(array[cv.TIME].values)
@@ -95,18 +126,29 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
                 inspect_time_axis(array[cv.TIME].values, None, source.path)
             pieces.setdefault(name, []).append(array)
             origins.setdefault(name, []).append(source.path)
-    wanted = list(config.variables) or [v for v in cv.VARIABLES if v in pieces]
-    missing = [name for name in wanted if name not in pieces]
+        for name, array in source.statics.items():
+            statics_found.setdefault(name, array)
+    computed = [name for name in config.variables if cv.VARIABLES[name].kind == "computed"]
+    if computed:
+        raise DataError(f"{computed} are computed by weathermodel as forcings (in the store's "
+                        "'forcings'), never read from sources", "remove them from 'variables'",
+                        path=sources[0].path, variable=computed[0])
+    wanted = list(config.variables) or [v for v in cv.VARIABLES
+                                        if v in pieces or v in statics_found]
+    missing = [name for name in wanted if name not in pieces and name not in statics_found]
     if missing:
         raise DataError(f"variable(s) {missing} are in none of the sources (found: "
                         f"{sorted(pieces)})", "add a source that has them, or remove them from "
                         "'variables'", path=sources[0].path, variable=missing[0])
     start = parse_time(config.start, "start") if config.start else None
     end = parse_time(config.end, "end") if config.end else None
-    state_arrays, statics, channel_variables, channel_levels = [], [], [], []
+    state_arrays, channel_variables, channel_levels = [], [], []
+    statics = [statics_found[name].rename(name) for name in wanted if name in statics_found]
     channel_sources = []
     for name in wanted:
         info = cv.VARIABLES[name]
+        if name not in pieces:  # a static field, taken above
+            continue
         paths = list(dict.fromkeys(origins[name]))
         where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} other files)"
         by_level: dict[float, list[xr.DataArray]] = {}
@@ -128,10 +170,6 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
                                 path=sources[0].path)
             levels = [lv for lv in levels if lv in config.levels]
         for level in levels:
-            if info.kind == "static":  # time-invariant: the first source's first time
-                first = by_level[level][0].isel({cv.TIME: 0, cv.MEMBER: 0}, drop=True)
-                statics.append(first.rename(name))
-                continue
             array = _concat_time(by_level[level], name)
             if len(by_level[level]) > 1:  # overlapping files: name the duplicated times
                 inspect_time_axis(array[cv.TIME].values, None, where)
@@ -154,10 +192,17 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
                 for v, lv in zip(channel_variables, channel_levels)]
     state = state.assign_coords({cv.CHANNEL: channels}).transpose(
         cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
-    static = xr.concat(statics, dim="static").assign_coords(
-        static=[s.name for s in statics]) if statics else None
+    # statics on the grid of the state (the grids were checked equal to within 1e-5 degrees)
+    static = xr.concat(statics, dim="static", join="override").assign_coords(
+        {"static": [s.name for s in statics], cv.LATITUDE: state[cv.LATITUDE].values,
+         cv.LONGITUDE: state[cv.LONGITUDE].values}) if statics else None
     notes = [note for source in sources for note in source.notes]
-    return Combined(state, static, channel_variables, channel_levels, notes, channel_sources)
+    masks = _fixed_forcing_masks(state, channel_variables) if state.sizes[cv.TIME] else {}
+    for index, mask in masks.items():
+        notes.append(f"{channels[index]}: NaN at {mask.mean():.1%} of the grid at the first "
+                     "and the last time: a fixed mask (e.g. land), not missing data")
+    return Combined(state, static, channel_variables, channel_levels, notes, channel_sources,
+                    masks)
 
 
 def _fingerprint(config: PrepareConfig, opened: list[OpenedSource]) -> str:
@@ -166,6 +211,8 @@ def _fingerprint(config: PrepareConfig, opened: list[OpenedSource]) -> str:
     # resumes the same store
     for key in ("output", "dask_scheduler", "max_missing_fraction"):
         relevant.pop(key, None)
+    if relevant.get("statistics") is None:  # the default: stores made before the option match
+        relevant.pop("statistics", None)
     relevant["checksums"] = [source.checksum for source in opened]
     relevant["format_version"] = st.FORMAT_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -187,7 +234,18 @@ def dask_context(scheduler: str | None) -> Iterator[None]:
 
 def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
                    times: np.ndarray, path: str) -> None:
-    fractions = np.isnan(block).mean(axis=(0, 1, 3, 4))
+    """Refuse a block (time, number, channel, lat, lon) with more missing values (NaN) per
+    channel than ``limit`` (``max_missing_fraction``).
+
+    The NaNs of a forcing (registry kind ``forcing``, e.g. sea surface temperature) at the
+    points of its fixed mask (NaN at the record's first and last times, e.g. land) are not
+    missing data and are not counted; any other NaN of a forcing is. NaNs of every other
+    variable always count.
+    """
+    missing = np.isnan(block)
+    for channel, mask in combined.forcing_masks.items():
+        missing[:, :, channel] &= ~mask
+    fractions = missing.mean(axis=(0, 1, 3, 4))
     for channel in np.flatnonzero(fractions > limit):
         variable = combined.channel_variables[channel]
         raise DataError(
@@ -305,6 +363,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         raise DataError(report.describe(), "fix the input, or pass --on-gap skip to keep the "
                         "record and skip the training windows that cross a gap",
                         path=opened[0].path)
+    period_indices(times, config.statistics, str(output))  # refuse an empty period up front
     for note in combined.notes:
         log.info(note)
     fingerprint = _fingerprint(config, opened)
@@ -330,7 +389,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
             log.info("%s: removed %d temporary file(s) of an interrupted run", work, removed)
     with dask_context(config.dask_scheduler):
         _write_blocks(work, combined, report, config, progress)
-        _finalise(work, combined)
+        _finalise(work, combined, config.statistics)
     if work != output:
         _swap_into_place(work, output)
     return output
@@ -367,18 +426,18 @@ def _write_blocks(output: Path, combined: Combined, report: TimeAxisReport,
         st.save_progress(output, {**done_payload, "blocks_done": sorted(done, key=str)})
 
 
-def _finalise(output: Path, combined: Combined) -> None:
-    """Statistics in one streaming pass, then mark the store complete."""
+def _finalise(output: Path, combined: Combined, period: DateRange | None = None) -> None:
+    """Statistics in one streaming pass over ``period`` (None: the whole record), then mark
+    the store complete."""
     group = zarr.open_group(str(output), mode="r")
-    bytes_per_time = combined.state.isel({cv.TIME: 0}).size * 4
-    steps_per_task = max(1, min(combined.state.sizes[cv.TIME], (16 << 20) // bytes_per_time))
-    consecutive = group["consecutive"][:].astype(bool)
-    stats = channel_statistics(group["state"], consecutive, steps_per_task)
+    times = combined.state[cv.TIME].values
+    first, stop = period_indices(times, period, str(output))
+    stats = store_statistics(group, first, stop)
+    forcing_mean, forcing_std = stats.pop("forcing_mean"), stats.pop("forcing_std")
     for name, values in stats.items():
         st.write_array(output, name, values, (cv.CHANNEL,))
-    forcing_stats = channel_statistics(group["forcings"], consecutive, steps_per_task)
-    st.write_array(output, "forcing_mean", forcing_stats["mean"], ("forcing",))
-    st.write_array(output, "forcing_std", forcing_stats["std"], ("forcing",))
+    st.write_array(output, "forcing_mean", forcing_mean, ("forcing",))
+    st.write_array(output, "forcing_std", forcing_std, ("forcing",))
     static = group["statics"][:].astype("float64")
     st.write_array(output, "static_mean", static.mean(axis=(1, 2)), ("static",))
     st.write_array(output, "static_std", static.std(axis=(1, 2)), ("static",))
@@ -388,5 +447,6 @@ def _finalise(output: Path, combined: Combined) -> None:
     channel_stats = {str(channel): {k: float(stats[k][i]) for k in stats}
                      for i, channel in enumerate(combined.state[cv.CHANNEL].values)}
     st.update_metadata(output, statistics=channel_stats,
-                       variable_statistics=pooled_statistics(stats, groups), complete=True)
+                       variable_statistics=pooled_statistics(stats, groups),
+                       statistics_period=period_label(times, first, stop), complete=True)
     log.info("%s complete", output)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from weathermodel.errors import DataError
@@ -129,6 +130,37 @@ def check_grib_integrity(path: str) -> int:
     return count
 
 
+def grib_scan_longitudes(ds: xr.Dataset, path: str) -> xr.Dataset:
+    """Label the longitude columns of a regular latitude-longitude GRIB in scanning order.
+
+    cfgrib labels the columns with ecCodes' ``distinctLongitudes``, which are sorted, while
+    the values stay in scanning order. The two differ when a regional grid crosses the prime
+    meridian with unsigned longitudes (GRIB2, or GRIB1 written 350..2): the columns 350..357.5,
+    0..2 would be labelled 0..2, 350..357.5, i.e. wrong. The columns are then relabelled from
+    the grid definition (first and last longitude, scanning direction), in degrees east in
+    [0, 360); :mod:`weathermodel.data.normalize` puts them in canonical order.
+    """
+    if "longitude" not in ds.dims or ds.sizes["longitude"] < 2:
+        return ds
+    attrs = next((v.attrs for v in ds.data_vars.values()
+                  if v.attrs.get("GRIB_gridType") == "regular_ll"), None)
+    keys = ("GRIB_longitudeOfFirstGridPointInDegrees", "GRIB_longitudeOfLastGridPointInDegrees")
+    if attrs is None or any(key not in attrs for key in keys):
+        return ds
+    first, last = (float(attrs[key]) for key in keys)
+    direction = -1.0 if int(attrs.get("GRIB_iScansNegatively", 0)) else 1.0
+    count = ds.sizes["longitude"]
+    span = np.mod(direction * (last - first), 360.0)
+    scan = np.mod(first + direction * np.arange(count) * span / (count - 1), 360.0)
+    labels = np.mod(ds["longitude"].values.astype("float64"), 360.0)
+    if np.allclose(scan, labels, atol=1e-6) or not np.allclose(np.sort(scan), np.sort(labels),
+                                                                 atol=1e-6):
+        return ds  # already in scanning order, or another grid definition: left as it is
+    log.info("%s: longitude columns relabelled in GRIB scanning order (%g to %g)", path,
+             scan[0], scan[-1])
+    return ds.assign_coords(longitude=("longitude", scan, ds["longitude"].attrs))
+
+
 def _open_grib(path: str) -> xr.Dataset:
     check_grib_integrity(path)
     try:
@@ -138,11 +170,13 @@ def _open_grib(path: str) -> xr.Dataset:
                         "pip install 'weathermodel[grib]'", path=path) from error
     kwargs = {"indexpath": ""}  # never write .idx files beside the input
     try:
-        return chunk_by_time(xr.open_dataset(path, engine="cfgrib", backend_kwargs=kwargs))
+        return chunk_by_time(grib_scan_longitudes(
+            xr.open_dataset(path, engine="cfgrib", backend_kwargs=kwargs), path))
     except Exception as error:  # cfgrib raises DatasetBuildError for heterogeneous files
         if type(error).__name__ != "DatasetBuildError":
             raise
-        parts = [chunk_by_time(p) for p in cfgrib.open_datasets(path, backend_kwargs=kwargs)]
+        parts = [chunk_by_time(grib_scan_longitudes(p, path))
+                 for p in cfgrib.open_datasets(path, backend_kwargs=kwargs)]
         log.info("%s: GRIB file holds %d hypercubes; merging them", path, len(parts))
         return xr.merge(parts, compat="override", join="outer")
 

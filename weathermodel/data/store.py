@@ -6,12 +6,17 @@ Layout (all float32, chunked one time step per chunk so that one state is one re
     forcings  (time, forcing, latitude, longitude)   computed from solar geometry and time
     static    (static, latitude, longitude)          grid fields + static fields of the source
     consecutive (time)  bool, True when the previous time is exactly one step earlier
-    mean, std, min, max, tendency_std, missing_fraction (channel)   statistics, written last
+    mean, std, min, max, tendency_std, missing_fraction (channel)   statistics, written last,
+        over ``statistics_period`` with tendencies at the store's step
     forcing_mean, forcing_std (forcing); static_mean, static_std (static)
 
 The group attribute ``weathermodel`` holds the metadata (format version, variables, levels,
 units, grid, time step, sources with checksums, package version, configuration, conversion
-notes, per-variable statistics) and ``complete``, set only once the statistics are final.
+notes, per-variable statistics, ``statistics_period``: the first and last time the statistics
+arrays are computed from) and ``complete``, set only once the statistics are final.
+The attribute ``weathermodel_statistics`` caches statistics computed later for other periods or
+time steps (e.g. a training range at a 6-hour model step on an hourly store), keyed by period
+and step, so that later runs and other ranks reuse them.
 The attribute ``weathermodel_progress`` records the blocks written so far, so that an interrupted
 ``prepare`` resumes. zarr's local store writes every chunk and ``zarr.json`` through a temporary
 file and a rename, so a reader never sees half a chunk. The store opens in xarray as it is
@@ -19,6 +24,7 @@ file and a rename, so a reader never sees half a chunk. The store opens in xarra
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,6 +40,11 @@ from weathermodel.errors import OutputError, StoreError
 
 FORMAT_VERSION = 1
 PROGRESS_ATTRIBUTE = "weathermodel_progress"
+STATISTICS_CACHE_ATTRIBUTE = "weathermodel_statistics"
+#: bumped when the way cached statistics are computed changes: older entries are then ignored
+STATISTICS_CACHE_VERSION = 1
+
+log = logging.getLogger(__name__)
 #: allocation unit assumed per chunk file when estimating the size of a store on disk
 _BLOCK_BYTES = 4096
 
@@ -209,6 +220,46 @@ def save_progress(path: Path, payload: dict[str, Any]) -> None:
     """Record progress; zarr's local store replaces ``zarr.json`` atomically."""
     group = zarr.open_group(str(path), mode="r+")
     group.attrs[PROGRESS_ATTRIBUTE] = payload
+
+
+def statistics_cache_key(period: list[str], time_step_seconds: int) -> str:
+    """Key of cached statistics: the first and last time used and the tendency step."""
+    return f"{period[0]}/{period[1]}/{int(time_step_seconds)}s"
+
+
+def read_cached_statistics(path: str | Path, key: str) -> dict[str, np.ndarray] | None:
+    """Statistics cached under ``key`` (float64 arrays by name), or None when absent or made
+    by another version of the computation."""
+    group = zarr.open_group(str(path), mode="r")
+    entry = dict(group.attrs.get(STATISTICS_CACHE_ATTRIBUTE, {})).get(key)
+    if not entry or entry.get("version") != STATISTICS_CACHE_VERSION:
+        return None
+    return {name: np.asarray(values, dtype="float64")
+            for name, values in entry["values"].items()}
+
+
+def write_cached_statistics(path: str | Path, key: str, stats: dict[str, np.ndarray]) -> bool:
+    """Add statistics to the store's cache; returns False (and logs why) when the store cannot
+    be written, e.g. a read-only copy: the caller then just uses what it computed.
+
+    The whole group ``zarr.json`` is replaced in one rename, so a reader sees the old cache or
+    the new one, never half. Writers of the same key write identical values (the computation is
+    deterministic), so concurrent writers are harmless; two writers adding *different* keys at
+    once may lose one of them, which is then computed again by its next user.
+    """
+    payload = {"version": STATISTICS_CACHE_VERSION,
+               "values": {name: [float(v) for v in np.asarray(values, dtype="float64")]
+                          for name, values in stats.items()}}
+    try:
+        group = zarr.open_group(str(path), mode="r+")
+        cache = dict(group.attrs.get(STATISTICS_CACHE_ATTRIBUTE, {}))
+        cache[key] = payload
+        group.attrs[STATISTICS_CACHE_ATTRIBUTE] = cache
+    except (OSError, ValueError, NotImplementedError) as error:
+        log.warning("%s: statistics for %s computed but not cached (%s); every run computes "
+                    "them again", path, key, error)
+        return False
+    return True
 
 
 def remove_store(path: Path) -> None:

@@ -23,6 +23,10 @@ class GraphConfig:
     mesh_to_grid : ``triangle`` (the three nodes of the finest triangle containing the grid
         point) or ``knn`` (the ``knn`` nearest mesh nodes).
     knn : neighbours for ``mesh_to_grid: knn``.
+    edge_normalization : ``per_edge_set`` (each edge set's features -- chord length and
+        displacement in the receiver's frame -- divided by the set's longest edge, GraphCast) or
+        ``icosahedron_edge`` (every set divided by the longest multi-mesh edge: grid <-> mesh
+        features ~0.02 at refinement 5; only for models trained before that was fixed).
     """
 
     mesh_refinement: int = 2
@@ -32,6 +36,7 @@ class GraphConfig:
     grid_to_mesh_radius: float = 0.6
     mesh_to_grid: Literal["triangle", "knn"] = "triangle"
     knn: int = 3
+    edge_normalization: Literal["per_edge_set", "icosahedron_edge"] = "per_edge_set"
 
     def validate(self) -> None:
         if not 0 <= self.mesh_refinement <= 7:
@@ -48,8 +53,9 @@ class TransformerConfig:
     ----------
     patch_size : patch edge in grid points (latitude is padded to a multiple).
     embed_dim, depth, num_heads, mlp_ratio : transformer sizes.
-    window : attention window in patches (square); 0 means global attention. Windows wrap
-        around in longitude, and every other block shifts them by half a window.
+    window : attention window in patches (square); 0 means global attention. Every other
+        block shifts the windows by half a window. On a global grid windows wrap around in
+        longitude; on a regional grid they do not (the model is told which by its grid).
     """
 
     patch_size: int = 2
@@ -71,14 +77,16 @@ class LossConfig:
 
     Attributes
     ----------
-    area_weighting : ``cos`` (cos latitude) or ``edges`` (sin of upper minus sin of lower cell
-        edge, as WeatherBench 2); normalised to mean 1.
+    area_weighting : ``edges`` (cell area: sin of upper minus sin of lower cell edge, as
+        WeatherBench 2; a pole row gets its polar half-cell, as GraphCast's
+        ``normalized_latitude_weights``) or ``cos`` (cos latitude: no weight at all for pole
+        rows); normalised to mean 1. Both agree on equispaced grids without poles.
     level_weighting : ``pressure`` (proportional to the level's pressure, GraphCast) or
         ``uniform``; normalised to mean 1 over levels.
     variable_weights : per-variable multipliers (default 1).
     """
 
-    area_weighting: Literal["cos", "edges"] = "cos"
+    area_weighting: Literal["cos", "edges"] = "edges"
     level_weighting: Literal["pressure", "uniform"] = "pressure"
     variable_weights: dict[str, float] = field(default_factory=dict)
 
@@ -91,8 +99,19 @@ class ModelConfig:
     ----------
     kind : ``graph`` or ``transformer``.
     history : input states per prediction (1 or 2).
-    bf16 : run the network under bfloat16 autocast (CPU and CUDA).
+    forcing : variables that are inputs only, read from the data and never predicted (Anemoi's
+        ``forcing:``); None: every variable whose registry kind is ``forcing`` (e.g.
+        sea_surface_temperature).
+    diagnostic : variables that are predicted but never fed back as inputs (Anemoi's
+        ``diagnostic:``); None: every variable whose registry kind is ``diagnostic`` (e.g.
+        precipitation). Every other variable of the store is prognostic.
+    imputer_mask_channel : besides replacing missing input values by the training mean
+        (Anemoi's ``InputImputer`` with the ``mean`` statistic), give the network one more input
+        channel per input channel with missing values: 1 where the value was missing.
     activation_checkpointing : recompute activations of each block in the backward pass.
+
+    Precision is not a model option: training's ``precision`` (``bf16-mixed``) is the one
+    switch, applied by Lightning Fabric around the whole step.
     """
 
     kind: Literal["graph", "transformer"] = "graph"
@@ -100,9 +119,15 @@ class ModelConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    bf16: bool = False
+    forcing: list[str] | None = None
+    diagnostic: list[str] | None = None
+    imputer_mask_channel: bool = False
     activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.history < 1:
             raise ConfigError("'history' must be at least 1", "give 1 or 2")
+        overlap = sorted(set(self.forcing or []) & set(self.diagnostic or []))
+        if overlap:
+            raise ConfigError(f"variable(s) {overlap} are listed both as forcing and as "
+                              "diagnostic", "give each variable one role")

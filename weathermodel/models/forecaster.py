@@ -62,6 +62,8 @@ class ModelMetadata:
     grid: dict
     channel_roles: list[str] = field(default_factory=list)
     channel_has_missing: list[bool] = field(default_factory=list)
+    #: first and last time of the period the statistics come from (ISO; empty: unrecorded)
+    statistics_period: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:  # files written before roles: every channel prognostic
         if not self.channel_roles:
@@ -94,7 +96,8 @@ class ModelMetadata:
             static_std=_floats(statics.std(axis=(1, 2))),
             variables=list(meta["variables"]), grid=dict(meta["grid"]),
             channel_roles=resolve_roles(list(summary.channel_variables), config),
-            channel_has_missing=[bool(f > 0) for f in np.asarray(summary.missing_fraction)])
+            channel_has_missing=[bool(f > 0) for f in np.asarray(summary.missing_fraction)],
+            statistics_period=[str(t) for t in (summary.statistics_period or [])])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -109,7 +109,8 @@ class GraphNetwork(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         graph = cached_graph(np.asarray(latitude, "float64"), np.asarray(longitude, "float64"),
                              config.mesh_refinement, config.grid_to_mesh_radius,
-                             config.mesh_to_grid, config.knn, cache_dir=cache_dir)
+                             config.mesh_to_grid, config.knn, cache_dir=cache_dir,
+                             edge_normalization=config.edge_normalization)
         self._register_graph(graph)
         latent, hidden = config.latent_size, config.mlp_hidden_layers
         n_node_features = graph.grid_node_features.shape[1]

@@ -127,15 +127,15 @@ def read_payload(path: str | Path) -> dict[str, Any]:
                               "state_dict, or a file of another program)",
                               "use a model file or checkpoint written by weathermodel",
                               path=str(path))
-    # the digest covers the file as written: checked before any migration changes it
-    expected = payload.get(DIGEST_KEY) if isinstance(payload.get("format_version"), int) \
-        and payload["format_version"] <= CURRENT_FORMAT_VERSION else None
+    migrated = migrate(payload, str(path))  # refuses versions it cannot read, naming them
+    # the digest covers the file as written: checked on the payload before migration
+    expected = payload.get(DIGEST_KEY)
     if expected is not None and content_digest(payload) != expected:
         raise CheckpointError("the contents do not match the digest recorded when the file was "
                               "written: the file is damaged (e.g. bytes changed on disk or in "
                               "a copy)", "copy it again from where it came from, or use another "
                               "checkpoint", path=str(path))
-    payload = migrate(payload, str(path))
+    payload = migrated
     missing = [key for key in ("model_config", "metadata", "state_dict") if key not in payload]
     if missing:
         raise CheckpointError(f"the file lacks {missing}", "the file is damaged or not a "

@@ -14,6 +14,10 @@ Conventions
   frame of the meridian through the sender), so rotating the grid by a multiple of 72 degrees
   of longitude leaves every edge feature unchanged: a global grid whose longitude step divides
   72 degrees gives a graph mapped onto itself by that rotation, features included.
+* Edge features are divided by the longest edge of their own edge set (grid-to-mesh, mesh,
+  mesh-to-grid), as GraphCast does (``model_utils.get_graph_spatial_features`` and
+  ``get_bipartite_graph_spatial_features`` with ``edge_normalization_factor=None``): lengths then
+  span (0, 1] and displacement components [-1, 1] in every set, whatever the refinement.
 
 Only numpy and scipy are used; graphs are cached as ``.npz`` files (never pickles).
 """
@@ -35,13 +39,21 @@ from scipy.spatial import cKDTree
 
 from weathermodel.errors import ConfigError, DataError
 
-MESH_FORMAT_VERSION = 1
-"""Bump whenever the construction of a graph changes: cached files then get new names."""
+MESH_FORMAT_VERSION = 2
+"""Bump whenever the construction of a graph changes: cached files then get new names.
+
+1: edge features divided by the longest multi-mesh edge; 2: the edge normalisation is an
+option (``per_edge_set`` by default) and part of the cache key."""
 
 _TOLERANCE = 1e-9          # barycentric weights within this of 0 count as "on the boundary"
 _CHUNK = 65_536            # grid points per chunk of the vectorised triangle search
 _POLE_SNAP_FRACTION = 0.9  # end latitude edge snaps to the pole if nearer than this * spacing
 MESH_TO_GRID_METHODS = ("triangle", "knn")
+EDGE_NORMALIZATIONS = ("per_edge_set", "icosahedron_edge")
+"""``per_edge_set``: each edge set divided by its own longest edge (GraphCast).
+``icosahedron_edge``: every set divided by the longest edge of the full multi-mesh (an
+icosahedron edge, ~1.05), the features of models trained before mesh format 2 (grid <-> mesh
+features ~0.02 at refinement 5)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,11 +295,18 @@ def _node_features(xyz: np.ndarray) -> np.ndarray:
 
 
 def _edge_features(sender_xyz: np.ndarray, receiver_xyz: np.ndarray,
-                   receiver_longitude_rad: np.ndarray, scale: float) -> np.ndarray:
-    """(E, 4) float32: chord length, sender - receiver in the receiver's frame; / ``scale``."""
+                   receiver_longitude_rad: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """(E, 4) float32: chord length, sender - receiver in the receiver's frame; / ``scale``.
+
+    ``scale`` defaults to the longest chord of these edges (GraphCast), so the longest edge's
+    length feature is exactly 1 and every component lies in [-1, 1].
+    """
     displacement = sender_xyz - receiver_xyz
     local = to_local_frame(displacement, receiver_xyz, receiver_longitude_rad)
     length = np.linalg.norm(displacement, axis=1, keepdims=True)
+    if scale is None:
+        longest = float(length.max()) if length.size else 0.0
+        scale = longest if longest > 0 else 1.0
     return (np.concatenate([length, local], axis=1) / scale).astype(np.float32)
 
 
@@ -501,8 +520,9 @@ class GridMeshGraph:
     mesh_edge_features, grid2mesh_edge_features, mesh2grid_edge_features : (E, 4) float32:
         chord length and sender position minus receiver position in the receiver's local
         frame (receiver at lat 0, lon 0; +y east, +z north; for a receiver at a pole, the
-        longitude of the frame is the sender's), all divided by the longest edge
-        of the full multi-mesh (an icosahedron edge, ~1.05), whatever the region.
+        longitude of the frame is the sender's), divided by the longest chord of the same
+        edge set (``per_edge_set``, so the largest length feature is 1) or, for
+        ``icosahedron_edge``, by the longest edge of the full multi-mesh (~1.05).
     is_regional : the grid does not go all the way round in longitude.
     mesh_faces : (T', 3) int64 finest-level faces whose 3 vertices are kept (reindexed).
     mesh_node_index : (M',) int64 index of each kept node in the full multi-mesh.
@@ -554,7 +574,7 @@ class GridMeshGraph:
 
 
 def _validate_options(refinement: int, radius_fraction: float, mesh_to_grid: str,
-                      knn: int) -> None:
+                      knn: int, edge_normalization: str = "per_edge_set") -> None:
     if isinstance(refinement, bool) or int(refinement) != refinement or refinement < 0:
         raise ConfigError(f"mesh refinement must be an integer >= 0, got {refinement!r}",
                           "give 0..7 (GraphCast uses 6)")
@@ -566,6 +586,9 @@ def _validate_options(refinement: int, radius_fraction: float, mesh_to_grid: str
                           f"use one of {MESH_TO_GRID_METHODS}")
     if mesh_to_grid == "knn" and (int(knn) != knn or knn < 1):
         raise ConfigError(f"knn must be an integer >= 1, got {knn!r}", "use 3")
+    if edge_normalization not in EDGE_NORMALIZATIONS:
+        raise ConfigError(f"unknown edge normalisation {edge_normalization!r}",
+                          f"use one of {EDGE_NORMALIZATIONS} ('per_edge_set' for new models)")
 
 
 def _subset(mesh: MultiMesh, keep: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -580,7 +603,7 @@ def _subset(mesh: MultiMesh, keep: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def build_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
                 radius_fraction: float = 0.6, mesh_to_grid: str = "triangle",
-                knn: int = 3) -> GridMeshGraph:
+                knn: int = 3, edge_normalization: str = "per_edge_set") -> GridMeshGraph:
     """Build the grid -> mesh, multi-mesh and mesh -> grid graphs of a lat-lon grid.
 
     Parameters
@@ -592,6 +615,9 @@ def build_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
     mesh_to_grid : ``triangle`` (the 3 vertices of the finest triangle containing the grid
         point) or ``knn`` (its ``knn`` nearest mesh nodes; ties broken by node index).
     knn : neighbours for ``knn``.
+    edge_normalization : ``per_edge_set`` (each edge set's features divided by its own longest
+        chord, GraphCast) or ``icosahedron_edge`` (all divided by the longest multi-mesh edge,
+        for models trained before mesh format 2); see :data:`EDGE_NORMALIZATIONS`.
 
     Returns
     -------
@@ -603,7 +629,7 @@ def build_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
     DataError : invalid coordinates, or a grid point that sends to no mesh node (raise
         ``radius_fraction``).
     """
-    _validate_options(refinement, radius_fraction, mesh_to_grid, knn)
+    _validate_options(refinement, radius_fraction, mesh_to_grid, knn, edge_normalization)
     lat, lon = _check_grid(latitude, longitude)
     mesh = icosahedral_multimesh(refinement)
     finest = finest_edge_chord(mesh)
@@ -645,7 +671,8 @@ def build_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
     g2m_frame_lon = _receiver_frame_longitudes(mesh_lon[g2m_receivers],
                                                mesh_at_pole[g2m_receivers],
                                                point_lon[g2m_senders])
-    scale = float(_chord(mesh.vertices[mesh.senders], mesh.vertices[mesh.receivers]).max())
+    scale = (float(_chord(mesh.vertices[mesh.senders], mesh.vertices[mesh.receivers]).max())
+             if edge_normalization == "icosahedron_edge" else None)
     return GridMeshGraph(
         grid_latitude=lat.copy(), grid_longitude=lon.copy(), mesh_vertices=vertices,
         mesh_senders=mesh_senders, mesh_receivers=mesh_receivers,
@@ -676,14 +703,14 @@ def default_cache_dir() -> Path:
 
 def graph_cache_key(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
                     radius_fraction: float = 0.6, mesh_to_grid: str = "triangle",
-                    knn: int = 3) -> str:
+                    knn: int = 3, edge_normalization: str = "per_edge_set") -> str:
     """sha256 (hex) of the exact inputs of :func:`build_graph` and ``MESH_FORMAT_VERSION``."""
     lat = np.ascontiguousarray(latitude, dtype="<f8")
     lon = np.ascontiguousarray(longitude, dtype="<f8")
     digest = hashlib.sha256()
     digest.update(f"mesh-format={MESH_FORMAT_VERSION};refinement={int(refinement)};"
                   f"radius={float(radius_fraction)!r};method={mesh_to_grid};knn={int(knn)};"
-                  f"nlat={lat.size};nlon={lon.size};".encode())
+                  f"edges={edge_normalization};nlat={lat.size};nlon={lon.size};".encode())
     digest.update(lat.tobytes())
     digest.update(b";")
     digest.update(lon.tobytes())
@@ -734,7 +761,8 @@ def _save(graph: GridMeshGraph, path: Path) -> None:
 
 def cached_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
                  radius_fraction: float = 0.6, mesh_to_grid: str = "triangle", knn: int = 3,
-                 cache_dir: str | Path | None = None) -> GridMeshGraph:
+                 cache_dir: str | Path | None = None,
+                 edge_normalization: str = "per_edge_set") -> GridMeshGraph:
     """:func:`build_graph`, built at most once per process and cached on disk.
 
     The file is ``<cache_dir>/graph-<sha256 of the inputs>.npz`` (see :func:`graph_cache_key`),
@@ -742,8 +770,8 @@ def cached_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
 
     Parameters
     ----------
-    latitude, longitude, refinement, radius_fraction, mesh_to_grid, knn : as for
-        :func:`build_graph`.
+    latitude, longitude, refinement, radius_fraction, mesh_to_grid, knn, edge_normalization :
+        as for :func:`build_graph`.
     cache_dir : folder of the cached files (default :func:`default_cache_dir`).
 
     Returns
@@ -753,7 +781,8 @@ def cached_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
     """
     lat = np.asarray(latitude, dtype=np.float64)
     lon = np.asarray(longitude, dtype=np.float64)
-    key = graph_cache_key(lat, lon, refinement, radius_fraction, mesh_to_grid, knn)
+    key = graph_cache_key(lat, lon, refinement, radius_fraction, mesh_to_grid, knn,
+                          edge_normalization)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder.expanduser() / f"graph-{key}.npz"
     memory_key = str(path.absolute())
@@ -761,7 +790,8 @@ def cached_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
         return _MEMORY_CACHE[memory_key]
     graph = _load(path, lat, lon)
     if graph is None:
-        graph = build_graph(lat, lon, refinement, radius_fraction, mesh_to_grid, knn)
+        graph = build_graph(lat, lon, refinement, radius_fraction, mesh_to_grid, knn,
+                            edge_normalization)
         _save(graph, path)
     _MEMORY_CACHE[memory_key] = graph
     return graph
@@ -803,16 +833,19 @@ def latitude_cell_edges(latitude: np.ndarray) -> np.ndarray:
     return edges[::-1] if descending else edges
 
 
-def cell_area_weights(latitude: np.ndarray, method: str = "cos") -> np.ndarray:
+def cell_area_weights(latitude: np.ndarray, method: str = "edges") -> np.ndarray:
     """Area weight of each latitude row, normalised to mean 1.
 
     Parameters
     ----------
     latitude : 1-D degrees.
-    method : ``cos`` (cos(lat), 0 at the poles) or ``edges`` (sin(upper edge) - sin(lower edge)
-        with the edges of :func:`latitude_cell_edges`, WeatherBench 2). On a regular grid away
-        from the poles both are equal (sin(x + h) - sin(x - h) = 2 sin(h) cos(x)); they differ
-        at the poles and on irregular (e.g. Gaussian) grids.
+    method : ``edges`` (default: sin(upper edge) - sin(lower edge) with the edges of
+        :func:`latitude_cell_edges`, WeatherBench 2) or ``cos`` (cos(lat), 0 at the poles).
+        On a regular grid away from the poles both are equal (sin(x + h) - sin(x - h) =
+        2 sin(h) cos(x)); a pole row gets, with ``edges``, its polar cap from 90 - h to 90
+        degrees (h half the spacing: 1 - cos(h) = 2 sin(h/2)**2), exactly GraphCast's
+        ``losses.normalized_latitude_weights`` for grids with and without poles, and with
+        ``cos`` no weight at all. They also differ on irregular (e.g. Gaussian) grids.
 
     Returns
     -------

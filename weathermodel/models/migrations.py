@@ -23,7 +23,9 @@ Layout history
 3 (current)
     Variable roles: ``metadata`` gains ``channel_roles`` and ``channel_has_missing``, and the
     model configuration loses ``bf16`` (training's ``precision`` is the one switch). Version 2
-    files are migrated with every channel prognostic and none imputed, as they were trained.
+    files are migrated with every channel prognostic and none imputed, as they were trained,
+    and with ``graph.edge_normalization: icosahedron_edge`` (the edge features they were
+    trained on; new graph models divide each edge set by its own longest edge).
 
 To change the layout: bump ``CURRENT_FORMAT_VERSION``, write the new layout in
 ``model_payload``, and register a function here that turns a payload of the previous version
@@ -145,6 +147,8 @@ def _v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
     """Version 2 models treat every channel as prognostic and never impute."""
     config = dict(payload["model_config"])
     config.pop("bf16", None)
+    # their graph edge features were divided by the longest multi-mesh edge (mesh format 1)
+    config["graph"] = {"edge_normalization": "icosahedron_edge", **config.get("graph", {})}
     payload["model_config"] = config
     metadata = dict(payload["metadata"])
     n_channels = len(metadata["channels"])

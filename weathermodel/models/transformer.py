@@ -3,20 +3,27 @@
 Conventions
 -----------
 * Fields are ``(batch, channels, latitude, longitude)``; latitude is the first spatial axis and
-  is **not** periodic, longitude is the second and wraps around.
+  is **not** periodic. Longitude, the second, wraps around on a global grid
+  (``periodic_longitude=True``) and does not on a regional one (``periodic_longitude=False``):
+  there the east edge never influences the west edge, nor the west the east.
 * Tokens are kept as a patch grid ``(batch, lat_patches, lon_patches, embed_dim)`` between blocks.
 * Latitude is zero padded (symmetrically, at both poles) to a multiple of ``patch_size``;
-  longitude is padded circularly at its end (the first columns are appended), and both paddings
-  are cropped from the output.
+  longitude is padded at its east end, circularly on a global grid (the first columns are
+  appended) and with zeros on a regional one, and both paddings are cropped from the output.
 * Position information is a learned embedding per latitude patch row only: nothing depends on
-  absolute longitude, so the model is equivariant to rolling the input along longitude by a
-  multiple of ``patch_size`` (global attention) or ``patch_size * window`` (windowed attention),
-  provided ``n_longitude`` is a multiple of ``patch_size`` (and the number of longitude patches a
-  multiple of ``window``); otherwise the padding breaks the symmetry but the model still works.
-* Windowed attention partitions the patch grid into ``window x window`` windows on a cylinder:
-  longitude wraps (shifted windows use :func:`torch.roll`), latitude does not (shifted windows
-  pad latitude by ``window // 2`` rows of masked tokens at the top, so no window spans a pole).
-  Padded tokens are never attended to.
+  absolute longitude, so on a global grid the model is equivariant to rolling the input along
+  longitude by a multiple of ``patch_size`` (global attention) or ``patch_size * window``
+  (windowed attention), provided ``n_longitude`` is a multiple of ``patch_size`` (and the number
+  of longitude patches a multiple of ``window``); otherwise the padding breaks the symmetry but
+  the model still works.
+* Windowed attention partitions the patch grid into ``window x window`` windows. Latitude never
+  wraps: shifted windows pad latitude by ``window // 2`` rows of masked tokens at the top, so no
+  window spans a pole. On a global grid the windows lie on a cylinder (shifted windows roll
+  longitude with :func:`torch.roll`); on a regional grid longitude is treated like latitude
+  (``window // 2`` masked columns at the west, no roll), which partitions the tokens exactly as
+  Swin's masked cyclic shift does, so no window holds tokens of both the east and west edges.
+  Padded tokens are never attended to. Global attention (``window = 0``) lets every token see
+  every other, on any grid.
 * Lead time conditions every block through adaptive layer norm (adaLN, as DiT / Stormer). The
   gates are initialised small but non-zero so that every parameter gets a gradient at step one.
 """
@@ -97,18 +104,20 @@ class PatchEmbedding(nn.Module):
     """Pad the field and embed non-overlapping ``patch x patch`` patches.
 
     Latitude is zero padded symmetrically (``pad_top`` rows at the first, ``pad_bottom`` at the
-    last latitude) and longitude circularly at its end (``pad_east`` columns) to multiples of
-    ``patch_size``.
+    last latitude) and longitude at its end (``pad_east`` columns) to multiples of
+    ``patch_size``: circularly (the first columns) on a global grid, with zeros on a regional one.
 
     Parameters
     ----------
     in_channels, embed_dim, patch_size : convolution sizes (kernel = stride = ``patch_size``).
     n_latitude, n_longitude : grid size of the input.
+    periodic_longitude : whether longitude wraps around (global grid).
     """
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, n_latitude: int,
-                 n_longitude: int) -> None:
+                 n_longitude: int, periodic_longitude: bool = True) -> None:
         super().__init__()
+        self.periodic_longitude = periodic_longitude
         pad_lat = (-n_latitude) % patch_size
         self.pad_top = pad_lat // 2
         self.pad_bottom = pad_lat - self.pad_top
@@ -119,10 +128,12 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, in_channels, n_lat, n_lon)`` -> ``(batch, lat_patches, lon_patches, dim)``."""
-        if self.pad_east:
+        if self.pad_east and self.periodic_longitude:
             n_lon = x.shape[-1]
             columns = torch.arange(n_lon + self.pad_east, device=x.device) % n_lon
             x = x[..., columns]  # circular padding: the first columns appended at the end
+        elif self.pad_east:
+            x = F.pad(x, (0, self.pad_east))  # regional: zeros, the west edge stays out
         if self.pad_top or self.pad_bottom:
             x = F.pad(x, (0, 0, self.pad_top, self.pad_bottom))
         return rearrange(self.projection(x), "b d h w -> b h w d")
@@ -188,10 +199,12 @@ class RelativePositionBias(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head self-attention within ``window x window`` windows of patches.
 
-    Windows wrap around in longitude. With ``shift``, windows move by ``window // 2`` patches
-    in both directions: longitude is rolled (torus), latitude is padded by ``window // 2`` rows
-    of masked tokens at the top so that no window crosses a pole. The grid is padded with masked
-    tokens at the bottom (latitude) and east (longitude) to a multiple of ``window``.
+    With ``shift``, windows move by ``window // 2`` patches in both directions. Latitude is
+    padded by ``window // 2`` rows of masked tokens at the top so that no window crosses a pole.
+    Longitude is rolled on a global grid (windows wrap around); on a regional grid it is padded
+    like latitude, by ``window // 2`` masked columns at the west, so that no window joins the
+    east and west edges. The grid is then padded with masked tokens at the bottom (latitude)
+    and east (longitude) to a multiple of ``window``.
 
     Parameters
     ----------
@@ -199,24 +212,34 @@ class WindowAttention(nn.Module):
     num_heads : attention heads.
     window : window edge in patches.
     shift : whether this block uses shifted windows.
+    periodic_longitude : whether longitude wraps around (global grid).
     """
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, window: int, shift: bool,
+                 periodic_longitude: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.window = window
         self.shift = window // 2 if shift else 0
+        self.periodic_longitude = periodic_longitude
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias = RelativePositionBias(window, num_heads)
 
+    @property
+    def _pad_west(self) -> int:
+        """Masked columns before the first longitude (regional grids' shifted windows)."""
+        return 0 if self.periodic_longitude else self.shift
+
     def _pad_and_roll(self, x: torch.Tensor, n_lat: int, n_lon: int) -> torch.Tensor:
-        """Pad a ``(..., n_lat, n_lon, dim)`` grid to whole windows and roll longitude."""
-        pad_top = self.shift
+        """Pad a ``(..., n_lat, n_lon, dim)`` grid to whole windows; roll a global longitude."""
+        pad_top, pad_west = self.shift, self._pad_west
         pad_bottom = (-(n_lat + pad_top)) % self.window
-        pad_east = (-n_lon) % self.window
-        x = F.pad(x, (0, 0, 0, pad_east, pad_top, pad_bottom))
-        return torch.roll(x, -self.shift, dims=-2) if self.shift else x
+        pad_east = (-(n_lon + pad_west)) % self.window
+        x = F.pad(x, (0, 0, pad_west, pad_east, pad_top, pad_bottom))
+        if self.shift and self.periodic_longitude:
+            x = torch.roll(x, -self.shift, dims=-2)
+        return x
 
     def _attention_mask(self, n_lat: int, n_lon: int, dtype: torch.dtype,
                         device: torch.device) -> torch.Tensor:
@@ -241,9 +264,10 @@ class WindowAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = rearrange(out, "(b nh nw) n (p q) e -> b (nh p) (nw q) (n e)", b=batch,
                         nh=padded_lat // self.window, p=self.window, q=self.window)
-        if self.shift:
+        if self.shift and self.periodic_longitude:
             out = torch.roll(out, self.shift, dims=2)
-        out = out[:, self.shift:self.shift + n_lat, :n_lon]
+        west = self._pad_west
+        out = out[:, self.shift:self.shift + n_lat, west:west + n_lon]
         return self.proj(out)
 
 
@@ -258,15 +282,17 @@ class TransformerBlock(nn.Module):
     dim, num_heads, mlp_ratio : sizes.
     window : attention window in patches; 0 for global attention.
     shift : shifted windows (ignored for global attention).
+    periodic_longitude : whether windows wrap around in longitude (global grid).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window: int,
-                 shift: bool) -> None:
+                 shift: bool, periodic_longitude: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attention: nn.Module = (WindowAttention(dim, num_heads, window, shift) if window
-                                     else GlobalAttention(dim, num_heads))
+        self.attention: nn.Module = (
+            WindowAttention(dim, num_heads, window, shift, periodic_longitude) if window
+            else GlobalAttention(dim, num_heads))
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -302,6 +328,10 @@ class WeatherTransformer(nn.Module):
     n_latitude, n_longitude : grid size (any; padded internally and cropped back).
     activation_checkpointing : recompute each block's activations in the backward pass
         (only while training).
+    periodic_longitude : True for a grid that goes all the way round in longitude (windows and
+        patch padding wrap, east edge next to west edge); False for a regional grid, whose
+        east and west edges then never influence each other through windowed attention or
+        padding. Take it from the grid (``weathermodel.data.grid.describe_grid(...).is_global``).
 
     Notes
     -----
@@ -313,7 +343,8 @@ class WeatherTransformer(nn.Module):
 
     def __init__(self, config: TransformerConfig, in_channels: int, out_channels: int,
                  n_latitude: int, n_longitude: int,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, *,
+                 periodic_longitude: bool = True) -> None:
         super().__init__()
         config.validate()
         if config.window < 0 or config.patch_size < 1:
@@ -325,15 +356,17 @@ class WeatherTransformer(nn.Module):
         self.n_latitude = n_latitude
         self.n_longitude = n_longitude
         self.activation_checkpointing = activation_checkpointing
+        self.periodic_longitude = bool(periodic_longitude)
         dim = config.embed_dim
         self.patch_embedding = PatchEmbedding(in_channels, dim, config.patch_size, n_latitude,
-                                              n_longitude)
+                                              n_longitude, self.periodic_longitude)
         n_lat_patches = self.patch_embedding.n_lat_patches
         self.latitude_embedding = nn.Parameter(torch.zeros(n_lat_patches, 1, dim))
         self.lead_time_embedding = LeadTimeEmbedding(dim)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, config.num_heads, config.mlp_ratio, config.window,
-                             shift=bool(config.window) and i % 2 == 1)
+                             shift=bool(config.window) and i % 2 == 1,
+                             periodic_longitude=self.periodic_longitude)
             for i in range(config.depth))
         self.final_layer = FinalLayer(dim, config.patch_size, out_channels)
         self._initialise()
