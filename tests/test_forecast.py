@@ -249,6 +249,8 @@ def test_checkpoint_of_another_grid_or_channels_is_refused(setup: dict, ncep_fil
         channel_variables=meta.channel_variables + ["mean_sea_level_pressure"],
         channel_levels=meta.channel_levels + [float("nan")], mean=meta.mean + [101000.0],
         std=meta.std + [1000.0], tendency_std=meta.tendency_std + [100.0],
+        channel_roles=meta.channel_roles + ["prognostic"],
+        channel_has_missing=meta.channel_has_missing + [False],
         variables=meta.variables + [{"name": "mean_sea_level_pressure", "units": "Pa",
                                      "standard_name": "air_pressure_at_mean_sea_level",
                                      "levels": []}])

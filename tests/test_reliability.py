@@ -402,6 +402,8 @@ def _with_extra_channel(metadata: ModelMetadata) -> ModelMetadata:
         channel_levels=metadata.channel_levels + [float("nan")],
         mean=metadata.mean + [101000.0], std=metadata.std + [1000.0],
         tendency_std=metadata.tendency_std + [100.0],
+        channel_roles=metadata.channel_roles + ["prognostic"],
+        channel_has_missing=metadata.channel_has_missing + [False],
         variables=metadata.variables + [{"name": name, "units": "Pa", "levels": [],
                                          "standard_name": "air_pressure_at_mean_sea_level"}])
 

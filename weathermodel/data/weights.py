@@ -78,8 +78,9 @@ def cell_area_weights(latitude: np.ndarray, method: str = "edges") -> np.ndarray
         :func:`latitude_cell_edges`, WeatherBench 2) or ``cos`` (cos(lat), 0 at the poles).
         On a regular grid away from the poles both are equal (sin(x + h) - sin(x - h) =
         2 sin(h) cos(x)); a pole row gets, with ``edges``, its polar cap from 90 - h to 90
-        degrees (h half the spacing), and with ``cos`` no weight at all. They also differ on
-        irregular (e.g. Gaussian) grids.
+        degrees (h half the spacing: 1 - cos(h) = 2 sin(h/2)**2), exactly GraphCast's
+        ``losses.normalized_latitude_weights`` for grids with and without poles, and with
+        ``cos`` no weight at all. They also differ on irregular (e.g. Gaussian) grids.
 
     Returns
     -------

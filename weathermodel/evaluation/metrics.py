@@ -35,7 +35,7 @@ sin(upper edge) - sin(lower edge), normalised to mean 1. On a global grid this i
 cell area. On a *regional* grid the end rows absorb the whole polar caps beyond them, e.g. on
 the NCEP grid (15..75 N every 2.5 degrees) the 15 N row carries 64 % of the total weight
 (see ``tests/test_evaluation.py``); a warning is issued. ``"edges"`` uses
-:func:`weathermodel.models.mesh.cell_area_weights` (end cells half a spacing wide, snapped to a
+:func:`weathermodel.data.weights.cell_area_weights` (end cells half a spacing wide, snapped to a
 pole only when it is within 0.9 spacing), the right choice for regional grids; ``"cos"`` is
 cos(latitude) normalised to mean 1. Weights are computed on the whole grid of the data; a
 region only masks points out (as WB2's ``SliceRegion``).
@@ -56,7 +56,6 @@ means are ever gathered. Results are lazy when the inputs are; call ``.compute()
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
@@ -65,8 +64,9 @@ import pandas as pd
 import xarray as xr
 
 from weathermodel import conventions as cv
+from weathermodel.data.weights import (  # noqa: F401 (re-exported)
+    DEFAULT_WEIGHTING, WEIGHTINGS, latitude_weights, resolve_weighting)
 from weathermodel.errors import ConfigError, DataError
-from weathermodel.models.mesh import cell_area_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,6 @@ DAYOFYEAR = "dayofyear"
 HOUR = "hour"
 ZONAL_WAVENUMBER = "zonal_wavenumber"
 SPACE = (cv.LATITUDE, cv.LONGITUDE)
-DEFAULT_WEIGHTING = "auto"
-WEIGHTINGS = ("auto", "wb2_edges", "edges", "cos")
 #: WB2's Earth radius (mean of the equatorial and polar radii), m, used by the spectra.
 EARTH_RADIUS_M = 1000.0 * (6357.0 + 6378.0) / 2.0
 
@@ -110,71 +108,6 @@ REGIONS: dict[str, RegionSpec] = {
 # --------------------------------------------------------------------------------------------
 # area weights and regions
 # --------------------------------------------------------------------------------------------
-def _wb2_edge_weights(ascending: np.ndarray) -> np.ndarray:
-    """sin(upper) - sin(lower) with edges [-90, midpoints..., 90] (WB2 ``get_lat_weights``)."""
-    radians = np.deg2rad(ascending)
-    edges = np.concatenate([[-np.pi / 2], (radians[:-1] + radians[1:]) / 2, [np.pi / 2]])
-    return np.sin(edges[1:]) - np.sin(edges[:-1])
-
-
-def _reaches_poles(ascending: np.ndarray) -> bool:
-    """True when the first and last rows lie within one grid spacing of the poles."""
-    if ascending.size < 2:
-        return False
-    spacing = np.abs(np.diff(ascending))
-    return bool(ascending[0] - spacing[0] <= -90.0 + 1e-6
-                and ascending[-1] + spacing[-1] >= 90.0 - 1e-6)
-
-
-def resolve_weighting(weighting: str, latitude: np.ndarray) -> str:
-    """``"auto"`` -> ``"wb2_edges"`` on a grid reaching the poles, else ``"edges"``; any other
-    choice is returned as it is (after checking it is known)."""
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"unknown weighting {weighting!r}", f"use one of {WEIGHTINGS}")
-    if weighting != "auto":
-        return weighting
-    return "wb2_edges" if _reaches_poles(np.sort(np.asarray(latitude, float))) else "edges"
-
-
-def _warn_if_regional(ascending: np.ndarray) -> None:
-    if not _reaches_poles(ascending):
-        warnings.warn(
-            f"weighting='wb2_edges' on a grid that does not reach the poles "
-            f"({ascending[0]:g}..{ascending[-1]:g}): as in WeatherBench 2 the end rows carry the "
-            "area of the polar caps beyond them; use weighting='edges' for regional grids",
-            stacklevel=4)
-
-
-def latitude_weights(latitude: np.ndarray, weighting: str = DEFAULT_WEIGHTING) -> np.ndarray:
-    """Area weight of each latitude row, normalised to mean 1.
-
-    Parameters
-    ----------
-    latitude : 1-D latitudes in degrees north, strictly monotonic (either order).
-    weighting : ``"auto"`` (see :func:`resolve_weighting`), ``"wb2_edges"`` (WB2
-        ``get_lat_weights``: outer edges at the poles), ``"edges"`` (end cells half a spacing
-        wide) or ``"cos"``; see the module docstring.
-
-    Returns
-    -------
-    (n_lat,) float64 weights in the order of ``latitude``, mean 1.
-    """
-    lat = np.asarray(latitude, dtype=np.float64)
-    weighting = resolve_weighting(weighting, lat)
-    if lat.size == 1:
-        return np.ones(1)
-    if weighting != "wb2_edges":
-        return cell_area_weights(lat, method=weighting)
-    order = np.argsort(lat)
-    ascending = lat[order]
-    if not (np.diff(ascending) > 0).all():
-        raise DataError("latitudes are not strictly monotonic", "sort the latitudes")
-    _warn_if_regional(ascending)
-    weights = np.empty_like(lat)
-    weights[order] = _wb2_edge_weights(ascending)
-    return weights / weights.mean()
-
-
 def _boxes(spec: RegionSpec | str) -> list[Box]:
     if isinstance(spec, str):
         if spec not in REGIONS:

@@ -70,6 +70,11 @@ class ModelMetadata:
             self.channel_roles = [cv.PROGNOSTIC] * len(self.channels)
         if not self.channel_has_missing:
             self.channel_has_missing = [False] * len(self.channels)
+        for name in ("channel_variables", "channel_levels", "channel_roles",
+                     "channel_has_missing", "mean", "std", "tendency_std"):
+            if len(getattr(self, name)) != len(self.channels):
+                raise ValueError(f"model metadata: {name} has {len(getattr(self, name))} "
+                                 f"entries for {len(self.channels)} channels")
 
     def role_index(self, *roles: str) -> list[int]:
         """Indices of the channels whose role is one of ``roles``, in channel order."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from weathermodel.models.config import LossConfig
 from weathermodel.models.forecaster import Forecaster
-from weathermodel.models.mesh import cell_area_weights
+from weathermodel.data.weights import cell_area_weights
 
 
 def channel_weights(channel_variables: list[str], channel_levels: list[float],

@@ -37,6 +37,7 @@ from typing import Mapping
 import numpy as np
 from scipy.spatial import cKDTree
 
+from weathermodel.data.weights import cell_area_weights, latitude_cell_edges  # noqa: F401
 from weathermodel.errors import ConfigError, DataError
 
 MESH_FORMAT_VERSION = 2
@@ -47,7 +48,6 @@ option (``per_edge_set`` by default) and part of the cache key."""
 
 _TOLERANCE = 1e-9          # barycentric weights within this of 0 count as "on the boundary"
 _CHUNK = 65_536            # grid points per chunk of the vectorised triangle search
-_POLE_SNAP_FRACTION = 0.9  # end latitude edge snaps to the pole if nearer than this * spacing
 MESH_TO_GRID_METHODS = ("triangle", "knn")
 EDGE_NORMALIZATIONS = ("per_edge_set", "icosahedron_edge")
 """``per_edge_set``: each edge set divided by its own longest edge (GraphCast).
@@ -800,72 +800,6 @@ def cached_graph(latitude: np.ndarray, longitude: np.ndarray, refinement: int,
 # ----------------------------------------------------------------------------------------------
 # Cell areas
 # ----------------------------------------------------------------------------------------------
-
-def latitude_cell_edges(latitude: np.ndarray) -> np.ndarray:
-    """(n + 1,) latitude edges (degrees) of the cells centred on ``latitude``, in its order.
-
-    Inner edges lie halfway between neighbouring latitudes. An end edge lies half a spacing
-    beyond the end latitude, clipped to +-90, and at the pole itself when the pole is less
-    than 0.9 spacing beyond the end latitude: regular grids with or without the poles and
-    Gaussian grids (pole ~0.77 spacing away) then cover the sphere exactly (WeatherBench 2
-    convention), while regional grids keep cells of their own size.
-
-    Raises
-    ------
-    DataError : fewer than 2 latitudes, or latitudes not strictly monotonic.
-    """
-    lat = np.asarray(latitude, dtype=np.float64)
-    if lat.ndim != 1 or lat.size < 2:
-        raise DataError("cell edges need at least 2 latitudes", "pass the grid's latitudes")
-    steps = np.diff(lat)
-    if not ((steps > 0).all() or (steps < 0).all()):
-        raise DataError("latitudes must be strictly monotonic", "sort the latitudes")
-    descending = steps[0] < 0
-    ascending = lat[::-1] if descending else lat
-    edges = np.empty(lat.size + 1)
-    edges[1:-1] = 0.5 * (ascending[:-1] + ascending[1:])
-    first_step, last_step = ascending[1] - ascending[0], ascending[-1] - ascending[-2]
-    edges[0] = (-90.0 if ascending[0] + 90.0 < _POLE_SNAP_FRACTION * first_step
-                else ascending[0] - 0.5 * first_step)
-    edges[-1] = (90.0 if 90.0 - ascending[-1] < _POLE_SNAP_FRACTION * last_step
-                 else ascending[-1] + 0.5 * last_step)
-    edges = np.clip(edges, -90.0, 90.0)
-    return edges[::-1] if descending else edges
-
-
-def cell_area_weights(latitude: np.ndarray, method: str = "edges") -> np.ndarray:
-    """Area weight of each latitude row, normalised to mean 1.
-
-    Parameters
-    ----------
-    latitude : 1-D degrees.
-    method : ``edges`` (default: sin(upper edge) - sin(lower edge) with the edges of
-        :func:`latitude_cell_edges`, WeatherBench 2) or ``cos`` (cos(lat), 0 at the poles).
-        On a regular grid away from the poles both are equal (sin(x + h) - sin(x - h) =
-        2 sin(h) cos(x)); a pole row gets, with ``edges``, its polar cap from 90 - h to 90
-        degrees (h half the spacing: 1 - cos(h) = 2 sin(h/2)**2), exactly GraphCast's
-        ``losses.normalized_latitude_weights`` for grids with and without poles, and with
-        ``cos`` no weight at all. They also differ on irregular (e.g. Gaussian) grids.
-
-    Returns
-    -------
-    (n_lat,) float64 weights with mean 1.
-    """
-    lat = np.asarray(latitude, dtype=np.float64)
-    if method == "cos":
-        weights = np.clip(np.cos(np.radians(lat)), 0.0, None)
-    elif method == "edges":
-        if lat.size == 1:
-            return np.ones(1)
-        edges = np.radians(latitude_cell_edges(lat))
-        weights = np.abs(np.diff(np.sin(edges)))
-    else:
-        raise ConfigError(f"unknown area weighting {method!r}", "use 'cos' or 'edges'")
-    if lat.ndim != 1 or lat.size == 0 or not weights.sum() > 0:
-        raise DataError("latitudes give no area (empty, or only poles)",
-                        "pass the grid's latitudes in degrees")
-    return weights / weights.mean()
-
 
 def longitude_cell_widths(longitude: np.ndarray) -> np.ndarray:
     """(n_lon,) widths (degrees) of the cells centred on ``longitude``.

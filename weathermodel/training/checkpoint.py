@@ -7,8 +7,11 @@ and never unpickles an object.
 
 A checkpoint is a model file (:mod:`weathermodel.models.io`: configuration, data metadata,
 weights; inference needs nothing else) plus what an exact resume needs: optimizer and scheduler
-state, step, data position, the RNG states of torch, numpy and Python, the EMA weights, and the
-training configuration. Files are written atomically by rank 0; the newest ``keep_last`` stay.
+state, step, data position, the RNG states of torch, numpy and Python, and the training
+configuration. With an exponential moving average of the weights (``optim.ema_decay``) the
+model file part (``state_dict``) holds the average, the model to use, and
+``training_state_dict`` the training weights (both complete state dicts, float32). Files are
+written atomically by rank 0; the newest ``keep_last`` stay.
 """
 from __future__ import annotations
 

@@ -21,8 +21,10 @@ class OptimConfig:
     min_lr_ratio : the cosine ends at ``lr * min_lr_ratio``.
     grad_clip : clip the global gradient norm to this (0: off).
     accumulate : micro-batches per optimizer step (gradient accumulation).
-    ema_decay : keep an exponential moving average of the weights (0: off); validation and
-        the saved model use the average.
+    ema_decay : keep an exponential moving average of the weights (0: off), in float32 on the
+        device of the weights; validation, ``model.pt`` and the model part of checkpoints use
+        the average, and checkpoints also keep the training weights, so that a resume
+        continues both exactly.
     """
 
     lr: float = 1e-3
@@ -63,9 +65,15 @@ class TrainConfig:
     accelerator : ``auto`` picks CUDA/ROCm/XPU/MPS when present, else CPU.
     devices : processes per node; ``auto`` uses every device (1 on CPU), or torchrun's value.
     num_nodes : nodes; ``0`` reads it from torchrun or SLURM.
-    precision : ``32`` or ``bf16-mixed``.
+    precision : ``32`` or ``bf16-mixed`` (bfloat16 autocast around the forward pass; weights,
+        inputs and the loss stay float32). The one precision switch of the package.
     checkpoint_every, keep_last : save every N optimizer steps, keeping the newest K.
-    log_every, val_every, val_batches : logging and validation cadence.
+    log_every : log the training loss every N optimizer steps (the only steps that wait for
+        the device).
+    val_every : validate every N optimizer steps (and at the last).
+    val_batches : validation scores this many global batches, i.e. ``val_batches *
+        data.batch_size * processes`` windows spread evenly over the whole validation period
+        (each scored once); 0 or more than the period holds: every window.
     process_group_timeout_s : collective operations fail after this, naming the stuck rank.
     """
 
@@ -101,6 +109,9 @@ class TrainConfig:
                               f"({self.data.history})", "set both to the same value")
         if self.checkpoint_every < 1 or self.keep_last < 1:
             raise ConfigError("checkpoint_every and keep_last must be >= 1", "fix them")
+        if self.log_every < 1 or self.val_every < 1 or self.val_batches < 0:
+            raise ConfigError("log_every and val_every must be >= 1, val_batches >= 0",
+                              "fix them (val_batches 0 scores every validation window)")
 
     def rollout_at(self, step: int) -> int:
         """Rollout steps in the loss at optimizer step ``step``."""

@@ -4,7 +4,13 @@ One code path for a laptop, one GPU node or many nodes: Fabric picks the acceler
 under ``torchrun`` or SLURM ``srun``, joins the process group the launcher set up (NCCL on GPUs,
 gloo on CPUs). Each rank reads its shard of the shuffled windows; DDP averages gradients, so a
 run on N processes with batch B/N each follows the same trajectory as one process with batch B.
-Checkpoints record the data position and every RNG state, so ``--resume`` continues exactly.
+Checkpoints record the data position, every RNG state, the training weights and (with
+``optim.ema_decay``) their moving average, so ``--resume`` continues exactly.
+
+``precision: bf16-mixed`` runs the forward pass under bfloat16 autocast (matrix products in
+bf16, parameters, inputs, residual sums and the loss in float32). Validation scores the moving
+average when there is one, on windows spread evenly over the whole validation period, each
+scored once across ranks, with the area weights of :mod:`weathermodel.evaluation`.
 """
 from __future__ import annotations
 
@@ -14,24 +20,28 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.plugins.precision.amp import MixedPrecision
 from lightning.fabric.strategies import DDPStrategy
-from torch.utils.data import DataLoader, DistributedSampler
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from weathermodel.configuration import config_to_dict, dump_config
-from weathermodel.data.dataset import WindowDataset, read_summary
-from weathermodel.errors import ConfigError, WeatherModelError
+from weathermodel.data.dataset import WindowDataset, training_summary
+from weathermodel.data.weights import latitude_weights
+from weathermodel.errors import CheckpointError, ConfigError, WeatherModelError
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
 from weathermodel.models.io import save_model
 from weathermodel.models.loss import WeightedMSELoss
-from weathermodel.models.mesh import cell_area_weights
 from weathermodel.training.checkpoint import (load_latest_checkpoint, restore_rng_state,
                                               rng_state, save_checkpoint)
 from weathermodel.training.config import TrainConfig
@@ -50,6 +60,89 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class ExponentialMovingAverage:
+    """Exponential moving average of a model's parameters, in float32 on their device.
+
+    After every optimizer step, ``average = decay * average + (1 - decay) * parameter`` for all
+    parameters at once (one fused ``torch._foreach_lerp_``). Buffers (normalisation
+    statistics, graph features) are constants and are not averaged.
+
+    Parameters
+    ----------
+    model : the trained module; its parameter tensors are followed (not copied) from now on.
+    decay : weight of the past average, in [0, 1).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        named = list(model.named_parameters())
+        self.names = [name for name, _ in named]
+        self._parameters = [parameter for _, parameter in named]
+        self.average = [torch.empty_like(p, dtype=torch.float32) for p in self._parameters]
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average at the current parameters."""
+        for average, parameter in zip(self.average, self._parameters):
+            average.copy_(parameter)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One step of the average towards the current parameters."""
+        current = [p.detach().float() for p in self._parameters]
+        torch._foreach_lerp_(self.average, current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages by parameter name (float32, on their device)."""
+        return dict(zip(self.names, self.average))
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """Copy saved averages (any device) into this average, which stays on its device.
+
+        Raises
+        ------
+        CheckpointError : a parameter is missing from ``saved`` or has another shape.
+        """
+        wrong = [name for name, average in zip(self.names, self.average)
+                 if name not in saved or tuple(saved[name].shape) != tuple(average.shape)]
+        if wrong:
+            raise CheckpointError(f"the saved moving average lacks or misshapes {wrong[:5]}",
+                                  "resume with the model configuration of that run")
+        for name, average in zip(self.names, self.average):
+            average.copy_(saved[name])
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the model's parameters hold the average; the training weights are
+        put back afterwards, bit for bit."""
+        with torch.no_grad():
+            training = [p.detach().clone() for p in self._parameters]
+            for parameter, average in zip(self._parameters, self.average):
+                parameter.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, weights in zip(self._parameters, training):
+                    parameter.copy_(weights)
+
+
+class _AutocastKeepingFloat32Inputs(MixedPrecision):
+    """Fabric's mixed precision without its cast of the forward call's inputs.
+
+    ``MixedPrecision`` casts every floating-point argument of the forward call to bf16 before
+    running it under autocast. The forecaster adds its predicted tendency to the last input
+    state, which in bf16 keeps 8 significant bits (2 m temperature to the nearest 1-2 K), and
+    takes forcing channels from the true future states. Autocast alone runs the matrix products
+    in bf16 and leaves those sums, the normalisation and the loss in float32.
+    """
+
+    def convert_input(self, data: Any) -> Any:
+        return data
 
 
 def launch_topology(config: TrainConfig) -> tuple[int | str, int]:
@@ -72,8 +165,44 @@ def make_fabric(config: TrainConfig, loggers: list | None = None) -> Fabric:
         int(os.environ.get("WORLD_SIZE", "1")) > 1
     strategy = (DDPStrategy(timeout=timedelta(seconds=config.process_group_timeout_s))
                 if distributed else "auto")
-    return Fabric(accelerator=config.accelerator, devices=devices, num_nodes=nodes,
-                  strategy=strategy, precision=config.precision, loggers=loggers)
+    fabric = Fabric(accelerator=config.accelerator, devices=devices, num_nodes=nodes,
+                    strategy=strategy, precision=config.precision, loggers=loggers)
+    if type(fabric.strategy.precision) is MixedPrecision:
+        # the same plugin object (Fabric and its strategy both hold it), minus the input cast
+        fabric.strategy.precision.__class__ = _AutocastKeepingFloat32Inputs
+    return fabric
+
+
+def evenly_spaced(total: int, wanted: int) -> np.ndarray:
+    """``wanted`` indices spread evenly over ``range(total)``, the first included; all of them
+    when ``wanted`` is 0 or at least ``total``. Index i is ``floor(i * total / wanted)``."""
+    if wanted <= 0 or wanted >= total:
+        return np.arange(total)
+    return (np.arange(wanted) * total) // wanted
+
+
+def area_weighted_mse(forecast: torch.Tensor, truth: torch.Tensor, row_weights: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-weighted mean squared error of each field, over the points where ``truth`` is
+    finite (the weights renormalised over them).
+
+    Parameters
+    ----------
+    forecast, truth : (..., lat, lon), physical units. A NaN of ``forecast`` where ``truth``
+        is finite makes that field's error NaN (a diverged model is not hidden).
+    row_weights : (lat, 1) latitude weights.
+
+    Returns
+    -------
+    mse : (...) in the squared units of the fields; 0 where a field has no finite truth.
+    scored : (...) bool, False where a field has no finite truth.
+    """
+    valid = torch.isfinite(truth)
+    squared = torch.where(valid, (forecast - truth) ** 2, 0.0)
+    weight = (valid * row_weights).sum((-2, -1))
+    scored = weight > 0
+    mse = (squared * row_weights).sum((-2, -1)) / torch.where(scored, weight, 1.0)
+    return mse, scored
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -110,26 +239,32 @@ class Trainer:
                    TensorBoardLogger(str(self.run_dir), name="tensorboard")]
         self.fabric = make_fabric(config, loggers)
         self.fabric.launch()
-        self.summary = read_summary(config.data.store)
+        # statistics of the training range at the model step: computed once (by rank 0) and
+        # cached in the store, then read by every rank
+        if self.fabric.global_rank == 0:
+            training_summary(config.data)
+        self.fabric.barrier()
+        self.summary = training_summary(config.data)
         _check_ranks_agree(self.fabric, config, self.summary.metadata.get("fingerprint", ""))
         self.fabric.seed_everything(config.seed)
-        self.model = Forecaster(config.model, ModelMetadata.from_summary(self.summary),
+        self.model = Forecaster(config.model,
+                                ModelMetadata.from_summary(self.summary, config.model),
                                 self.summary.statics)
-        self.loss = WeightedMSELoss(self.summary.latitude, self.summary.channel_variables,
-                                    list(self.summary.channel_levels), self.model.tendency_std,
-                                    config.model.loss).to(self.fabric.device)
+        self.loss = WeightedMSELoss.for_model(self.model).to(self.fabric.device)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
                                       weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: learning_rate_factor(step, config))
         self.module, self.optimizer = self.fabric.setup(self.model, optimizer)
         self.module.mark_forward_method("rollout")  # through DDP's forward: gradients sync
-        self.ema = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # created after setup: the average lives on the device of the parameters
+        self.ema = (ExponentialMovingAverage(self.model, config.optim.ema_decay)
                     if config.optim.ema_decay > 0 else None)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.train_set = WindowDataset(config.data.store, config.data.history,
                                        config.data.rollout, config.data.train,
-                                       config.data.fill_missing, summary=self.summary)
+                                       summary=self.summary)
+        self._validation_set: WindowDataset | None = None
         self.sampler = ResumableSampler(self.train_set, num_replicas=self.fabric.world_size,
                                         rank=self.fabric.global_rank, shuffle=True,
                                         seed=config.seed, drop_last=True)
@@ -151,12 +286,24 @@ class Trainer:
                     f"the checkpoint was written with a different '{key}' configuration",
                     "resume with the configuration of that run, or use a new run_dir",
                     path=payload["path"])
-        self.model.load_state_dict(payload["state_dict"])
+        # with a moving average, "state_dict" holds the average (the model to use) and
+        # "training_state_dict" the training weights
+        averaged = "training_state_dict" in payload
+        self.model.load_state_dict(payload["training_state_dict"] if averaged
+                                   else payload["state_dict"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.step, self.epoch = payload["step"], payload["epoch"]
         self.batch_in_epoch = payload["batch_in_epoch"]
-        self.ema = payload.get("ema")
+        if not averaged and payload.get("ema") is not None:
+            self.fabric.print(f"warning: {payload['path']} holds only the moving average of the "
+                              "weights (written before training weights were saved beside it): "
+                              "training continues from the average, not exactly as before")
+        if self.ema is not None:
+            if averaged:
+                self.ema.load_state_dict(payload["state_dict"])
+            else:
+                self.ema.reset()  # the run had no average: it starts here
         self._rng_after_resume = payload["rng"]  # restored in _batches, see there
         self.fabric.print(f"resumed from {payload['path']} at step {self.step}")
 
@@ -164,20 +311,23 @@ class Trainer:
         state = {"optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "rng": rng_state(), "ema": self.ema,
+                 "rng": rng_state(),
                  "train_config": config_to_dict(self.config),
                  "store_fingerprint": self.summary.metadata.get("fingerprint", "")}
         if self.fabric.global_rank == 0:
-            save_checkpoint(self.run_dir, self._model_for_saving(), state,
-                            self.config.keep_last)
+            if self.ema is not None:
+                # copies: on a CPU, .cpu() would return the parameters themselves, which
+                # hold the average while the file is written
+                state["training_state_dict"] = {name: value.detach().to("cpu", copy=True)
+                                                for name, value in self.model.state_dict().items()}
+            with self._published_weights():  # the model file part holds the average
+                save_checkpoint(self.run_dir, self.model, state, self.config.keep_last)
         self.fabric.barrier()
 
-    def _model_for_saving(self) -> Forecaster:
-        if self.ema is None:
-            return self.model
-        averaged = Forecaster(self.model.config, self.model.metadata, self.summary.statics)
-        averaged.load_state_dict(self.ema)
-        return averaged
+    def _published_weights(self) -> Any:
+        """Context in which the model holds the weights to validate and publish: the moving
+        average when there is one, else the training weights."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     # ---------------------------------------------------------------- data
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -204,20 +354,15 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def _micro_step(self, batch: dict[str, torch.Tensor], rollout: int) -> torch.Tensor:
         history = self.config.data.history
-        prediction = self.module.rollout(batch["inputs"],
-                                         batch["forcings"][:, :history + rollout], rollout)
+        # Fabric's forward applies the precision only where a strategy wraps the model (DDP):
+        # in one process the marked method runs as it is, so autocast is entered here too
+        with self.fabric.autocast():
+            prediction = self.module.rollout(batch["inputs"],
+                                             batch["forcings"][:, :history + rollout], rollout,
+                                             batch["targets"])
         loss = self.loss(prediction, batch["targets"][:, :rollout])
         self.fabric.backward(loss / self.config.optim.accumulate)
         return loss.detach()
-
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.config.optim.ema_decay
-        with torch.no_grad():
-            for name, value in self.model.state_dict().items():
-                if value.dtype.is_floating_point:
-                    self.ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
 
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train to ``optim.max_steps`` (or stop after ``stop_after`` steps, as an
@@ -246,78 +391,107 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self._update_ema()
+            if self.ema is not None:
+                self.ema.update()
             self.step += 1
-            loss = float(self.fabric.all_reduce(total, reduce_op="mean")) / config.optim.accumulate
-            last = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/rollout": rollout}
-            if self.step % config.log_every == 0 or self.step == config.optim.max_steps:
+            stopping = stop_after is not None and self.step >= stop_after
+            if self.step % config.log_every == 0 or self.step == config.optim.max_steps \
+                    or stopping:  # the loss waits on the device only here
+                loss = float(self.fabric.all_reduce(total, reduce_op="mean")
+                             ) / config.optim.accumulate
                 elapsed = time.perf_counter() - started
-                last["train/samples_per_second"] = samples / max(elapsed, 1e-9)
+                last = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/rollout": rollout,
+                        "train/samples_per_second": samples / max(elapsed, 1e-9)}
                 self.fabric.log_dict(last, step=self.step)
                 started, samples = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{loss:.4f}", rollout=rollout)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", rollout=rollout)
             if config.data.validation and (self.step % config.val_every == 0
                                            or self.step == config.optim.max_steps):
                 last.update(self.validate())
             if self.step % config.checkpoint_every == 0 or self.step == config.optim.max_steps:
                 self._save()
-            if stop_after is not None and self.step >= stop_after:
+            if stopping:
                 break
         bar.close()
         if self.step >= config.optim.max_steps and self.fabric.global_rank == 0:
-            save_model(self._model_for_saving(), self.run_dir / "model.pt")
+            with self._published_weights():
+                save_model(self.model, self.run_dir / "model.pt")
         for logger in self.fabric.loggers:
             logger.finalize("success")
         return last
 
+    def _validation_windows(self) -> Subset:
+        """This rank's share of the validation windows: ``val_batches`` global batches
+        (``val_batches * batch_size * world_size`` windows) spread evenly over the whole
+        period (every window when ``val_batches`` is 0 or the period has fewer), dealt out
+        round-robin, so that every window is scored once (no padding)."""
+        config = self.config
+        if self._validation_set is None:
+            self._validation_set = WindowDataset(config.data.store, config.data.history,
+                                                 config.data.rollout, config.data.validation,
+                                                 summary=self.summary)
+        world = self.fabric.world_size
+        chosen = evenly_spaced(len(self._validation_set),
+                               config.val_batches * config.data.batch_size * world)
+        return Subset(self._validation_set, chosen[self.fabric.global_rank::world].tolist())
+
+    def _validation_rollout(self, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+        if getattr(self.model, "output_channel_index", None) is None:  # a model without roles
+            return self.model.rollout(batch["inputs"], batch["forcings"], steps)
+        return self.model.rollout(batch["inputs"], batch["forcings"], steps,
+                                  future=batch["targets"])
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Latitude-weighted RMSE per channel and lead (WeatherBench 2 convention: square root
-        of the mean over samples of the area-weighted MSE), next to persistence."""
-        config = self.config
-        dataset = WindowDataset(config.data.store, config.data.history, config.data.rollout,
-                                config.data.validation, config.data.fill_missing,
-                                summary=self.summary)
-        sampler = DistributedSampler(dataset, num_replicas=self.fabric.world_size,
-                                     rank=self.fabric.global_rank, shuffle=False)
-        loader = DataLoader(dataset, batch_size=config.data.batch_size, sampler=sampler)
-        weights = torch.tensor(cell_area_weights(self.summary.latitude, "cos"),
-                               dtype=torch.float32, device=self.fabric.device).view(-1, 1)
-        model_sse = persistence_sse = count = None
+        """Latitude-weighted RMSE per predicted channel and lead, next to persistence.
+
+        WeatherBench 2 convention, with the weights of :mod:`weathermodel.evaluation`
+        (:func:`weathermodel.data.weights.latitude_weights`, ``auto``): the square root of the
+        mean over windows of the area-weighted MSE, over the points where the truth is not
+        missing. The model scored is the moving average when there is one; the windows are
+        those of :meth:`_validation_windows`. Forcing channels are not scored.
+        """
+        config, device = self.config, self.fabric.device
+        loader = DataLoader(self._validation_windows(), batch_size=config.data.batch_size,
+                            num_workers=config.data.num_workers,
+                            generator=torch.Generator())  # leaves the global one alone
+        output_index = getattr(self.model, "output_channel_index", None)
+        channels = (output_index.to(device) if output_index is not None
+                    else torch.arange(len(self.summary.channels), device=device))
+        row_weights = torch.tensor(latitude_weights(self.summary.latitude), dtype=torch.float32,
+                                   device=device).view(-1, 1)
+        steps = config.data.rollout
+        # [model, persistence] x [sum of per-window MSE, windows scored] per lead and channel
+        accumulate = torch.float32 if device.type == "mps" else torch.float64
+        totals = torch.zeros(2, 2, steps, channels.numel(), dtype=accumulate, device=device)
         was_training = self.model.training
         self.model.eval()
-        for index, batch in enumerate(loader):
-            if index >= config.val_batches:
-                break
-            batch = {k: v.to(self.fabric.device) for k, v in batch.items()}
-            prediction = self.model.rollout(batch["inputs"], batch["forcings"],
-                                            config.data.rollout)
-            persistence = batch["inputs"][:, -1:].expand_as(batch["targets"])
-            model_part = (((prediction - batch["targets"]) ** 2) * weights).mean((-2, -1)).sum(0)
-            persist_part = (((persistence - batch["targets"]) ** 2) * weights).mean((-2, -1)
-                                                                                    ).sum(0)
-            model_sse = model_part if model_sse is None else model_sse + model_part
-            persistence_sse = persist_part if persistence_sse is None else \
-                persistence_sse + persist_part
-            count = batch["inputs"].shape[0] + (count or 0)
+        with self._published_weights(), self.fabric.autocast():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                truth = batch["targets"][:, :steps].index_select(2, channels)
+                forecast = self._validation_rollout(batch, steps).float().index_select(2, channels)
+                last = batch["inputs"][:, -1:].index_select(2, channels).expand_as(truth)
+                for kind, (prediction, target) in enumerate((
+                        (forecast, truth),
+                        (last, torch.where(torch.isnan(last), torch.nan, truth)))):
+                    mse, scored = area_weighted_mse(prediction, target, row_weights)
+                    totals[kind, 0] += mse.sum(0)
+                    totals[kind, 1] += scored.sum(0)
         self.model.train(was_training)
-        if model_sse is None:
-            return {}
-        totals = self.fabric.all_reduce(torch.stack([model_sse, persistence_sse]),
-                                        reduce_op="sum")
-        n = float(self.fabric.all_reduce(torch.tensor(float(count),
-                                                      device=self.fabric.device),
-                                         reduce_op="sum"))
-        rmse, persistence_rmse = torch.sqrt(totals / n).cpu()
+        totals = self.fabric.all_reduce(totals, reduce_op="sum").cpu()
+        rmse = torch.sqrt(totals[:, 0] / totals[:, 1])
         hours = self.summary.metadata["time_step_seconds"] / 3600
         metrics = {}
-        for lead in range(rmse.shape[0]):
-            for c, channel in enumerate(self.summary.channels):
-                tag = f"{channel}/{int((lead + 1) * hours)}h"
-                metrics[f"val/rmse/{tag}"] = float(rmse[lead, c])
-                metrics[f"val/persistence_rmse/{tag}"] = float(persistence_rmse[lead, c])
+        for lead in range(steps):
+            for column, c in enumerate(channels.tolist()):
+                if totals[0, 1, lead, column] == 0:
+                    continue  # no window has a value of this channel
+                tag = f"{self.summary.channels[c]}/{int((lead + 1) * hours)}h"
+                metrics[f"val/rmse/{tag}"] = float(rmse[0, lead, column])
+                metrics[f"val/persistence_rmse/{tag}"] = float(rmse[1, lead, column])
         self.fabric.log_dict(metrics, step=self.step)
         return metrics
 
