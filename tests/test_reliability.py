@@ -63,6 +63,7 @@ from test_bad_inputs import assert_cli_refuses, assert_explains, tree_hash
 from test_forecast import (INIT, LEAD, VARIABLE, _args, _attrs, _canonical, _make_model,
                            _prepare, assert_same_store, graph_cache, setup)  # noqa: F401
 from test_prepare_store import _run_prepare_cli, _tree_digest, make_config
+from conftest import assert_identical
 from test_training import _write_config, small_config
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -211,23 +212,6 @@ def training_runs(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -
             "reference": finish(reference)}
 
 
-def _assert_identical(a: Any, b: Any, where: str = "") -> None:
-    """Nested dicts, lists and tensors equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            _assert_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{index}]")
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
-
-
 def test_kill_9_during_training_then_resume_gives_bit_identical_weights(
         training_runs: dict) -> None:
     assert training_runs["reference"].returncode == 0, training_runs["reference"].stderr[-3000:]
@@ -242,12 +226,12 @@ def test_kill_9_during_training_then_resume_gives_bit_identical_weights(
     assert step_a == step_b == TRAIN_STEPS
     a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
     for key in ("state_dict", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch"):
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
     # and every random generator (torch's global one included: the resumed run restores it
     # after drawing its new loader iterator's base seed, as the uninterrupted run had drawn it)
     assert set(a["rng"]) == set(b["rng"])
     for key in a["rng"]:
-        _assert_identical(a["rng"][key], b["rng"][key], f"rng/{key}")
+        assert_identical(a["rng"][key], b["rng"][key], f"rng/{key}")
     assert not list((root / "killed" / "checkpoints").glob(".*tmp*"))  # no temporary left
 
 
@@ -773,7 +757,7 @@ def test_checkpoint_of_format_version_1_is_migrated_and_forecasts_the_same(
     assert payload["format_version"] == migrations.CURRENT_FORMAT_VERSION
     assert payload["migrated_from"] == 1 and payload[migrations.DIGEST_KEY] is None
     original, migrated = load_model(setup["checkpoint"]), load_model(old)
-    _assert_identical(original.state_dict(), migrated.state_dict())
+    assert_identical(original.state_dict(), migrated.state_dict())
     out = tmp_path / "from_v1.zarr"
     forecast(ForecastOptions(checkpoint=str(old), data=str(setup["store"]), init=INIT,
                              lead=LEAD, out=str(out), progress=False))

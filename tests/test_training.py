@@ -12,12 +12,13 @@ import torch
 
 from weathermodel.configuration import from_dict
 from weathermodel.data.config import PrepareConfig
+from weathermodel.errors import ConfigError
 from weathermodel.data.prepare import prepare
 from weathermodel.training.checkpoint import list_checkpoints
 from weathermodel.training.config import TrainConfig
 from weathermodel.training.loop import Trainer, learning_rate_factor
 
-from conftest import free_port
+from conftest import apply_overrides, free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +47,7 @@ def small_config(store: Path, run_dir: Path, **overrides) -> dict:
         "run_dir": str(run_dir), "checkpoint_every": 4, "log_every": 1, "val_every": 6,
         "val_batches": 2,
     }
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -251,3 +246,26 @@ def test_bf16_and_ema_options_train(store: Path, tmp_path: Path) -> None:
     assert differs  # the checkpoint holds the average, not the last weights
     for name in differs:
         assert torch.isfinite(saved[name]).all()
+
+
+def test_init_from_starts_from_another_models_parameters(store: Path, tmp_path: Path) -> None:
+    """Fine-tuning: ``init_from`` copies the trained parameters (not the normalisation
+    buffers) of a model file; a model of other sizes is refused with a clear error."""
+    first = Trainer(from_dict(TrainConfig, small_config(store, tmp_path / "a",
+                                                        **{"optim.max_steps": 2})),
+                    progress=False)
+    first.fit()
+    trained = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    # --resume with no checkpoint yet (the first launch of a script that always resumes)
+    tuned = Trainer(from_dict(TrainConfig, small_config(
+        store, tmp_path / "b", init_from=str(tmp_path / "a" / "model.pt"))), resume=True,
+        progress=False)
+    fresh = Trainer(from_dict(TrainConfig, small_config(store, tmp_path / "c")), progress=False)
+    for name, value in tuned.model.named_parameters():
+        assert torch.equal(value.detach().cpu(), trained[name]), name
+    assert any(not torch.equal(value.detach().cpu(), trained[name])
+               for name, value in fresh.model.named_parameters())
+    wider = small_config(store, tmp_path / "d", init_from=str(tmp_path / "a" / "model.pt"),
+                         **{"model.graph.latent_size": 8})
+    with pytest.raises(ConfigError, match="do not fit"):
+        Trainer(from_dict(TrainConfig, wider), progress=False)

@@ -25,7 +25,7 @@ from weathermodel.training.checkpoint import list_checkpoints
 from weathermodel.training.config import TrainConfig
 from weathermodel.training.loop import ExponentialMovingAverage, Trainer
 
-from conftest import free_port
+from conftest import apply_overrides, assert_identical, free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 TRAIN = {"start": "2000-01-01T06", "end": "2000-01-06T18"}
@@ -61,34 +61,11 @@ def tiny_config(store: Path, run_dir: Path, **overrides: Any) -> dict:
         "run_dir": str(run_dir), "checkpoint_every": 3, "log_every": 1, "val_every": 3,
         "val_batches": 1, "accelerator": "cpu",
     }
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 def trainer(config: dict, resume: bool = False) -> Trainer:
     return Trainer(from_dict(TrainConfig, config), resume=resume, progress=False)
-
-
-def assert_identical(a: Any, b: Any, where: str = "") -> None:
-    """Nested dicts, lists and tensors equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a.cpu(), b.cpu()), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a, key=repr) == sorted(b, key=repr), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 # ---------------------------------------------------------------------------------------------

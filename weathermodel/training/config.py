@@ -75,6 +75,9 @@ class TrainConfig:
         data.batch_size * processes`` windows spread evenly over the whole validation period
         (each scored once); 0 or more than the period holds: every window.
     process_group_timeout_s : collective operations fail after this, naming the stuck rank.
+    init_from : a model file or checkpoint whose trained parameters start this run (fine-tuning,
+        e.g. longer rollouts at a lower learning rate); the model configuration must give the
+        same parameter shapes. Normalisation statistics come from this run's store.
     """
 
     data: DataConfig
@@ -94,6 +97,7 @@ class TrainConfig:
     val_every: int = 100
     val_batches: int = 8
     process_group_timeout_s: int = 600
+    init_from: str | None = None
 
     def validate(self) -> None:
         stages = sorted(self.rollout_schedule, key=lambda s: s.from_step)

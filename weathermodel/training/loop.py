@@ -40,7 +40,7 @@ from weathermodel.data.dataset import WindowDataset, training_summary
 from weathermodel.data.weights import latitude_weights
 from weathermodel.errors import CheckpointError, ConfigError, WeatherModelError
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
-from weathermodel.models.io import save_model
+from weathermodel.models.io import read_payload, save_model
 from weathermodel.models.loss import WeightedMSELoss
 from weathermodel.training.checkpoint import (load_latest_checkpoint, restore_rng_state,
                                               rng_state, save_checkpoint)
@@ -228,6 +228,22 @@ def _check_ranks_agree(fabric: Fabric, config: TrainConfig, fingerprint: str) ->
                           "launch every rank with the same config file, overrides and store")
 
 
+def _load_parameters(model: Forecaster, path: str) -> None:
+    """Start from the trained parameters of another model file or checkpoint (fine-tuning).
+    Only parameters are taken: normalisation buffers stay those of this run's store."""
+    state = read_payload(path)["state_dict"]
+    mine = dict(model.named_parameters())
+    mismatched = sorted(name for name, value in mine.items()
+                        if name not in state or state[name].shape != value.shape)
+    if mismatched:
+        raise ConfigError(f"'init_from' holds a model whose parameters do not fit this "
+                          f"configuration ({len(mismatched)} differ, e.g. {mismatched[0]})",
+                          "give a model of the same kind, sizes and channels", path=path)
+    with torch.no_grad():
+        for name, value in mine.items():
+            value.copy_(state[name])
+
+
 class Trainer:
     """Owns the model, optimizer, data and loop of one training run."""
 
@@ -250,6 +266,8 @@ class Trainer:
         self.model = Forecaster(config.model,
                                 ModelMetadata.from_summary(self.summary, config.model),
                                 self.summary.statics)
+        if config.init_from:  # a resumed run then replaces them by its checkpoint's
+            _load_parameters(self.model, config.init_from)
         self.loss = WeightedMSELoss.for_model(self.model).to(self.fabric.device)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
                                       weight_decay=config.optim.weight_decay)
