@@ -76,7 +76,9 @@ class PrepareConfig:
     on_gap : ``error`` refuses irregular or missing time steps; ``skip`` keeps the record and
         marks the windows that would cross a gap as unusable.
     max_missing_fraction : largest fraction of missing (NaN) values allowed per variable and
-        time block; missing values are kept as NaN and excluded from statistics.
+        time block; missing values are kept as NaN and excluded from statistics. A forcing's
+        NaNs at points missing at the first and the last time of the record (a land mask, e.g.
+        sea surface temperature) are a mask, recorded in the notes, and do not count.
     time_block : time steps computed and written per task (bounds memory).
     compressor : ``none`` (fastest reads) or ``zstd`` (smaller store).
     dask_scheduler : address of a dask distributed scheduler; empty: local threads.
