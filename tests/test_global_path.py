@@ -139,7 +139,7 @@ def test_evaluate_scores_the_global_forecast(trained: dict, store: Path,
     assert np.isfinite(model).all() and np.isfinite(persistence).all()
     # brute force: persistence RMSE of z500 at 24 h over the three starts, WB2 convention,
     # with WB2's edge weights on this Gaussian grid without poles (= cell areas)
-    truth = xr.open_zarr(store)
+    truth = xr.open_zarr(store, consolidated=False)
     names = [str(c) for c in truth["channel"].values]
     state = truth["state"].isel(number=0, channel=names.index("geopotential_500"))
     latitude = truth["latitude"].values
@@ -172,7 +172,7 @@ def test_shipped_global_checkpoint_beats_persistence_on_held_out_starts(
         "--init", "2001-01-03T00/2001-01-10T12/36h", "--lead", "24h", "--out", str(forecast),
         "--no-progress")
     predicted = xr.open_zarr(forecast)
-    truth = xr.open_zarr(store)
+    truth = xr.open_zarr(store, consolidated=False)
     names = [str(c) for c in truth["channel"].values]
     lead = np.timedelta64(24, "h")
     for variable, level in (("geopotential", 500), ("temperature", 850)):

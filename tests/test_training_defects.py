@@ -23,7 +23,8 @@ from weathermodel.evaluation.metrics import latitude_weights
 from weathermodel.models.io import load_model, read_payload
 from weathermodel.training.checkpoint import list_checkpoints
 from weathermodel.training.config import TrainConfig
-from weathermodel.training.loop import ExponentialMovingAverage, Trainer
+from weathermodel.training.ema import ExponentialMovingAverage
+from weathermodel.training.loop import Trainer
 
 from conftest import apply_overrides, assert_identical, free_port
 

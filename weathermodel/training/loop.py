@@ -20,10 +20,10 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -31,20 +31,20 @@ from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.plugins.precision.amp import MixedPrecision
 from lightning.fabric.strategies import DDPStrategy
-from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from weathermodel.configuration import config_to_dict, dump_config
 from weathermodel.data.dataset import WindowDataset, training_summary
 from weathermodel.data.weights import latitude_weights
-from weathermodel.errors import CheckpointError, ConfigError, WeatherModelError
+from weathermodel.errors import ConfigError, WeatherModelError
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
 from weathermodel.models.io import read_payload, save_model
 from weathermodel.models.loss import WeightedMSELoss
 from weathermodel.training.checkpoint import (load_latest_checkpoint, restore_rng_state,
                                               rng_state, save_checkpoint)
 from weathermodel.training.config import TrainConfig
+from weathermodel.training.ema import ExponentialMovingAverage
 
 
 class ResumableSampler(DistributedSampler):
@@ -60,75 +60,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-class ExponentialMovingAverage:
-    """Exponential moving average of a model's parameters, in float32 on their device.
-
-    After every optimizer step, ``average = decay * average + (1 - decay) * parameter`` for all
-    parameters at once (one fused ``torch._foreach_lerp_``). Buffers (normalisation
-    statistics, graph features) are constants and are not averaged.
-
-    Parameters
-    ----------
-    model : the trained module; its parameter tensors are followed (not copied) from now on.
-    decay : weight of the past average, in [0, 1).
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        named = list(model.named_parameters())
-        self.names = [name for name, _ in named]
-        self._parameters = [parameter for _, parameter in named]
-        self.average = [torch.empty_like(p, dtype=torch.float32) for p in self._parameters]
-        self.reset()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        """Start the average at the current parameters."""
-        for average, parameter in zip(self.average, self._parameters):
-            average.copy_(parameter)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """One step of the average towards the current parameters."""
-        current = [p.detach().float() for p in self._parameters]
-        torch._foreach_lerp_(self.average, current, 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averages by parameter name (float32, on their device)."""
-        return dict(zip(self.names, self.average))
-
-    @torch.no_grad()
-    def load_state_dict(self, saved: Mapping[str, torch.Tensor]) -> None:
-        """Copy saved averages (any device) into this average, which stays on its device.
-
-        Raises
-        ------
-        CheckpointError : a parameter is missing from ``saved`` or has another shape.
-        """
-        wrong = [name for name, average in zip(self.names, self.average)
-                 if name not in saved or tuple(saved[name].shape) != tuple(average.shape)]
-        if wrong:
-            raise CheckpointError(f"the saved moving average lacks or misshapes {wrong[:5]}",
-                                  "resume with the model configuration of that run")
-        for name, average in zip(self.names, self.average):
-            average.copy_(saved[name])
-
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        """Within the block the model's parameters hold the average; the training weights are
-        put back afterwards, bit for bit."""
-        with torch.no_grad():
-            training = [p.detach().clone() for p in self._parameters]
-            for parameter, average in zip(self._parameters, self.average):
-                parameter.copy_(average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for parameter, weights in zip(self._parameters, training):
-                    parameter.copy_(weights)
 
 
 class _AutocastKeepingFloat32Inputs(MixedPrecision):
