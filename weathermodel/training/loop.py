@@ -188,10 +188,9 @@ class Trainer:
         self.fabric.launch()
         # statistics of the training range at the model step: computed once (by rank 0) and
         # cached in the store, then read by every rank
-        if self.fabric.global_rank == 0:
-            training_summary(config.data)
+        summary = training_summary(config.data) if self.fabric.global_rank == 0 else None
         self.fabric.barrier()
-        self.summary = training_summary(config.data)
+        self.summary = summary or training_summary(config.data)
         _check_ranks_agree(self.fabric, config, self.summary.metadata.get("fingerprint", ""))
         self.fabric.seed_everything(config.seed)
         self.model = Forecaster(config.model,
@@ -386,12 +385,6 @@ class Trainer:
                                config.val_batches * config.data.batch_size * world)
         return Subset(self._validation_set, chosen[self.fabric.global_rank::world].tolist())
 
-    def _validation_rollout(self, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
-        if getattr(self.model, "output_channel_index", None) is None:  # a model without roles
-            return self.model.rollout(batch["inputs"], batch["forcings"], steps)
-        return self.model.rollout(batch["inputs"], batch["forcings"], steps,
-                                  future=batch["targets"])
-
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Latitude-weighted RMSE per predicted channel and lead, next to persistence.
@@ -406,9 +399,7 @@ class Trainer:
         loader = DataLoader(self._validation_windows(), batch_size=config.data.batch_size,
                             num_workers=config.data.num_workers,
                             generator=torch.Generator())  # leaves the global one alone
-        output_index = getattr(self.model, "output_channel_index", None)
-        channels = (output_index.to(device) if output_index is not None
-                    else torch.arange(len(self.summary.channels), device=device))
+        channels = self.model.output_channel_index.to(device)
         row_weights = torch.tensor(latitude_weights(self.summary.latitude), dtype=torch.float32,
                                    device=device).view(-1, 1)
         steps = config.data.rollout
@@ -421,7 +412,9 @@ class Trainer:
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 truth = batch["targets"][:, :steps].index_select(2, channels)
-                forecast = self._validation_rollout(batch, steps).float().index_select(2, channels)
+                forecast = self.model.rollout(batch["inputs"], batch["forcings"], steps,
+                                              future=batch["targets"]).float().index_select(
+                                                  2, channels)
                 last = batch["inputs"][:, -1:].index_select(2, channels).expand_as(truth)
                 for kind, (prediction, target) in enumerate((
                         (forecast, truth),
