@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.configuration import (apply_overrides, config_to_dict, dump_config, from_dict,
                                         load_config)
 from weathermodel.data.config import DataConfig, PrepareConfig
@@ -140,21 +140,21 @@ def test_ambiguous_or_unknown_conversions_are_refused(source: str, target: str) 
 
 
 def test_registry_resolves_aliases_found_in_real_files() -> None:
-    assert cv.lookup_variable("t2m").name == "2m_temperature"
-    assert cv.lookup_variable("2t").name == "2m_temperature"
-    assert cv.lookup_variable("air", has_levels=False).name == "2m_temperature"
-    assert cv.lookup_variable("air", has_levels=True).name == "temperature"
-    assert cv.lookup_variable("air") is None  # ambiguous without the level information
-    assert cv.lookup_variable("z", has_levels=True).name == "geopotential"
-    assert cv.lookup_variable("z", has_levels=False).name == "geopotential_at_surface"
-    assert cv.lookup_variable("msl").name == "mean_sea_level_pressure"
-    assert cv.lookup_variable("gh").name == "geopotential_height"
-    assert cv.lookup_variable("no_such_thing") is None
+    assert conventions.lookup_variable("t2m").name == "2m_temperature"
+    assert conventions.lookup_variable("2t").name == "2m_temperature"
+    assert conventions.lookup_variable("air", has_levels=False).name == "2m_temperature"
+    assert conventions.lookup_variable("air", has_levels=True).name == "temperature"
+    assert conventions.lookup_variable("air") is None  # ambiguous without the level information
+    assert conventions.lookup_variable("z", has_levels=True).name == "geopotential"
+    assert conventions.lookup_variable("z", has_levels=False).name == "geopotential_at_surface"
+    assert conventions.lookup_variable("msl").name == "mean_sea_level_pressure"
+    assert conventions.lookup_variable("gh").name == "geopotential_height"
+    assert conventions.lookup_variable("no_such_thing") is None
 
 
 def test_registry_is_consistent() -> None:
     aliases = {}
-    for info in cv.VARIABLES.values():
+    for info in conventions.VARIABLES.values():
         assert normalise_units(info.units) == info.units, info.name
         low, high = info.plausible_range
         assert low < high
@@ -162,10 +162,10 @@ def test_registry_is_consistent() -> None:
             aliases.setdefault(alias, []).append(info)
     for alias, infos in aliases.items():  # a shared alias must be told apart by levels
         assert len({i.has_levels for i in infos}) == len(infos), alias
-    assert cv.channel_name("temperature", 850.0) == "temperature_850"
-    assert cv.channel_name("2m_temperature", None) == "2m_temperature"
-    assert len(set(cv.FORCING_NAMES)) == len(cv.FORCING_NAMES)
-    assert np.isclose(cv.STANDARD_GRAVITY, 9.80665)
+    assert conventions.channel_name("temperature", 850.0) == "temperature_850"
+    assert conventions.channel_name("2m_temperature", None) == "2m_temperature"
+    assert len(set(conventions.FORCING_NAMES)) == len(conventions.FORCING_NAMES)
+    assert np.isclose(conventions.STANDARD_GRAVITY, 9.80665)
 
 
 @pytest.mark.parametrize("text, hours", [("5d", 120), ("1d12h", 36), ("5 d", 120), ("2days", 48),

@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.cli import main as cli_main
 from weathermodel.data.config import PrepareConfig, SourceSpec
 from weathermodel.data.grid import describe_grid
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning",
 
 SPEEDY_LEVELS = (300, 500, 700, 850)
 SPEEDY_CHANNELS = sorted(
-    [cv.channel_name(v, lv) for v in ("geopotential", "temperature", "u_component_of_wind",
+    [conventions.channel_name(v, lv) for v in ("geopotential", "temperature", "u_component_of_wind",
                                       "v_component_of_wind", "specific_humidity")
      for lv in SPEEDY_LEVELS]
     + ["surface_pressure", "2m_temperature", "10m_u_component_of_wind",
@@ -247,14 +247,14 @@ def test_grib_subarea_across_the_prime_meridian(subarea_grib: Path, data_dir: Pa
     result = to_canonical(open_path(str(subarea_grib)), SourceSpec(str(subarea_grib)),
                           str(subarea_grib))
     z = result.variables["geopotential"]
-    np.testing.assert_array_equal(z[cv.LONGITUDE].values, [-12.0, -9.0, -6.0, -3.0, 0.0, 3.0])
-    np.testing.assert_array_equal(z[cv.LATITUDE].values, REGION_LAT[::-1])
-    grid = describe_grid(z[cv.LATITUDE].values, z[cv.LONGITUDE].values)
+    np.testing.assert_array_equal(z[conventions.LONGITUDE].values, [-12.0, -9.0, -6.0, -3.0, 0.0, 3.0])
+    np.testing.assert_array_equal(z[conventions.LATITUDE].values, REGION_LAT[::-1])
+    grid = describe_grid(z[conventions.LATITUDE].values, z[conventions.LONGITUDE].values)
     assert not grid.is_global and grid.longitude_range == (-12.0, 3.0)
     fields = _global_fields(data_dir / GLOBAL_GRIB)
     lon, lat = np.arange(120) * 3.0, 90.0 - np.arange(61) * 3.0
     rows = [int(np.flatnonzero(lat == y)[0]) for y in REGION_LAT[::-1]]
-    cols = [int(np.flatnonzero(lon == np.mod(x, 360.0))[0]) for x in z[cv.LONGITUDE].values]
+    cols = [int(np.flatnonzero(lon == np.mod(x, 360.0))[0]) for x in z[conventions.LONGITUDE].values]
     for name, short in (("geopotential", "z"), ("temperature", "t")):
         for member in (0, 1):
             expected = fields[(short, 500, member, 20170101, 1200)][np.ix_(rows, cols)]
@@ -284,7 +284,7 @@ def test_netcdf_region_across_the_prime_meridian(speedy: Path, tmp_path: Path) -
     result = to_canonical(open_path(str(tmp_path / "region.nc")),
                           SourceSpec(str(tmp_path / "region.nc")), str(tmp_path / "region.nc"))
     t2m = result.variables["2m_temperature"]
-    new_lon = t2m[cv.LONGITUDE].values
+    new_lon = t2m[conventions.LONGITUDE].values
     np.testing.assert_allclose(new_lon, np.sort(np.mod(lon[cols] + 180.0, 360.0) - 180.0))
     assert new_lon[0] < 0.0 < new_lon[-1] and np.all(np.diff(new_lon) > 0)
     raw = raw_netcdf(source, "t2m")[2]
@@ -356,7 +356,7 @@ def test_cf_bounds_variables_are_ignored(speedy: Path, tmp_path: Path,
     result = to_canonical(open_path(str(path)), SourceSpec(str(path)), str(path))
     assert list(result.variables) == ["2m_temperature"]
     t2m = result.variables["2m_temperature"]
-    assert t2m.sizes[cv.TIME] == 4
+    assert t2m.sizes[conventions.TIME] == 4
     raw = raw_netcdf(source, "t2m")[3]
     assert t2m.isel(time=3, number=0).values[31 - 4, 9] == np.float32(raw[4, 9])
 

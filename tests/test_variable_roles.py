@@ -10,7 +10,7 @@ import pytest
 import torch
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.configuration import from_dict
 from weathermodel.data.config import PrepareConfig
 from weathermodel.data.dataset import WindowDataset, read_summary
@@ -63,8 +63,8 @@ def channel(model: Forecaster, name: str) -> int:
 def test_default_roles_follow_the_registry(store: Path) -> None:
     metadata = ModelMetadata.from_summary(read_summary(store))
     roles = dict(zip(metadata.channels, metadata.channel_roles))
-    assert roles[SST] == cv.FORCING and roles[PRECIP] == cv.DIAGNOSTIC
-    assert {roles[c] for c in metadata.channels if c not in (SST, PRECIP)} == {cv.PROGNOSTIC}
+    assert roles[SST] == conventions.FORCING and roles[PRECIP] == conventions.DIAGNOSTIC
+    assert {roles[c] for c in metadata.channels if c not in (SST, PRECIP)} == {conventions.PROGNOSTIC}
     missing = dict(zip(metadata.channels, metadata.channel_has_missing))
     assert missing[SST] and not any(v for c, v in missing.items() if c != SST)
 
@@ -75,8 +75,8 @@ def test_config_overrides_roles(store: Path) -> None:
     roles = dict(zip(summary.channels,
                      ModelMetadata.from_summary(summary, config).channel_roles))
     # an explicit list replaces the registry's defaults for that role
-    assert roles["2m_temperature"] == cv.FORCING and roles[SST] == cv.PROGNOSTIC
-    assert roles[PRECIP] == cv.PROGNOSTIC
+    assert roles["2m_temperature"] == conventions.FORCING and roles[SST] == conventions.PROGNOSTIC
+    assert roles[PRECIP] == conventions.PROGNOSTIC
     with pytest.raises(ConfigError, match="does not hold"):
         ModelMetadata.from_summary(summary, from_dict(ModelConfig, {"forcing": ["vorticity"]}))
     with pytest.raises(ConfigError, match="both as forcing and as diagnostic"):
@@ -123,7 +123,7 @@ def test_residual_prognostics_and_direct_diagnostics(store: Path) -> None:
     data = batch(store)
     with torch.no_grad():
         out = model(data["inputs"], data["forcings"][:, :3])
-    prognostic = model.metadata.role_index(cv.PROGNOSTIC)
+    prognostic = model.metadata.role_index(conventions.PROGNOSTIC)
     torch.testing.assert_close(out[:, prognostic], data["inputs"][:, -1, prognostic])
     precip = channel(model, PRECIP)
     assert torch.allclose(out[:, precip], model.mean[0, precip].expand_as(out[:, precip]))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.config import SourceSpec, VariableSpec, parse_time, parse_timedelta
 from weathermodel.errors import DataError
 from weathermodel.units import GEOPOTENTIAL_FROM_HEIGHT, find_conversion, normalise_units
@@ -70,7 +70,7 @@ def _decode_numeric_time(values: np.ndarray, units: str, path: str, name: str) -
 
 
 def _time_dimension(ds: xr.Dataset) -> str | None:
-    for name in cv.DIMENSION_ALIASES[cv.TIME]:
+    for name in conventions.DIMENSION_ALIASES[conventions.TIME]:
         if name in ds.dims:
             return name
     return None
@@ -142,8 +142,8 @@ def decode_time(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[str]) -
         values = _decode_numeric_time(values, units, path, name)
         notes.append(f"{path}: decoded non-CF time '{name}' with units {units!r}")
         ds = ds.drop_vars([v for v in ("reftime",) if v in ds.variables])
-    if name != cv.TIME:
-        ds = ds.drop_vars(name).rename({name: cv.TIME})
+    if name != conventions.TIME:
+        ds = ds.drop_vars(name).rename({name: conventions.TIME})
     return ds.assign_coords(time=pd.DatetimeIndex(values).as_unit("ns").values)
 
 
@@ -195,8 +195,8 @@ def drop_bounds(ds: xr.Dataset, path: str, notes: list[str]) -> xr.Dataset:
 
 def rename_dimensions(ds: xr.Dataset, spec: SourceSpec, path: str) -> xr.Dataset:
     """Rename aliased dims to canonical names, select or squeeze the others."""
-    for canonical in (cv.MEMBER, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE):
-        for alias in cv.DIMENSION_ALIASES[canonical]:
+    for canonical in (conventions.MEMBER, conventions.LEVEL, conventions.LATITUDE, conventions.LONGITUDE):
+        for alias in conventions.DIMENSION_ALIASES[canonical]:
             if alias in ds.dims and alias != canonical:
                 if canonical in ds.dims:
                     raise DataError(f"both '{alias}' and '{canonical}' dimensions are present",
@@ -209,7 +209,7 @@ def rename_dimensions(ds: xr.Dataset, spec: SourceSpec, path: str) -> xr.Dataset
                             f"(dimensions: {sorted(ds.dims)})", "fix the select option", path=path)
         ds = ds.sel({name: value}).drop_vars(name, errors="ignore")
     for name in list(ds.dims):
-        if name in cv.CANONICAL_DIMS:
+        if name in conventions.CANONICAL_DIMS:
             continue
         if ds.sizes[name] == 1:
             ds = ds.squeeze(name, drop=True)
@@ -243,27 +243,27 @@ def _longitude_convention(lon360: np.ndarray) -> str:
 def normalise_grid(ds: xr.Dataset, path: str, notes: list[str]) -> xr.Dataset:
     """Latitude ascending in [-90, 90]; longitude ascending in the convention that keeps the
     region contiguous (see :mod:`weathermodel.conventions`)."""
-    for name in (cv.LATITUDE, cv.LONGITUDE):
+    for name in (conventions.LATITUDE, conventions.LONGITUDE):
         if name not in ds.dims:
             raise DataError(f"no '{name}' dimension (dimensions: {sorted(ds.dims)})",
                             "only latitude-longitude grids are supported; regrid first", path=path)
         if ds[name].ndim != 1:
             raise DataError(f"'{name}' is not a 1-D coordinate (curvilinear grid)",
                             "regrid to a latitude-longitude grid first", path=path)
-    lat = ds[cv.LATITUDE].values.astype("float64")
-    _check_monotonic(lat, cv.LATITUDE, path)
+    lat = ds[conventions.LATITUDE].values.astype("float64")
+    _check_monotonic(lat, conventions.LATITUDE, path)
     if lat.min() < -90.0001 or lat.max() > 90.0001:
         raise DataError(f"latitudes outside [-90, 90] (from {lat.min()} to {lat.max()})",
                         "check the latitude coordinate", path=path)
     if lat[0] > lat[-1]:
-        ds = ds.isel({cv.LATITUDE: slice(None, None, -1)})
+        ds = ds.isel({conventions.LATITUDE: slice(None, None, -1)})
         notes.append(f"{path}: flipped latitude to ascending")
-    lon = ds[cv.LONGITUDE].values.astype("float64")
+    lon = ds[conventions.LONGITUDE].values.astype("float64")
     lon360 = np.mod(lon, 360.0)
     # a source may wrap once, as stored (180..359, 0..179 of a global grid; 350..357.5, 0..2
     # of a region across the prime meridian): unwrapped, the axis must then be monotonic
     unwrapped = np.unwrap(lon360, period=360.0)
-    _check_monotonic(unwrapped, cv.LONGITUDE, path)
+    _check_monotonic(unwrapped, conventions.LONGITUDE, path)
     if np.ptp(unwrapped) > 360.0 + 1e-6:
         raise DataError(f"longitudes go round the globe more than once ({lon[0]:g} .. "
                         f"{lon[-1]:g}, {lon.size} points)",
@@ -272,21 +272,21 @@ def normalise_grid(ds: xr.Dataset, path: str, notes: list[str]) -> xr.Dataset:
     new_lon = lon360 if convention == "0..360" else np.mod(lon360 + 180.0, 360.0) - 180.0
     if np.unique(np.round(new_lon, 6)).size != new_lon.size:
         keep = np.unique(np.round(new_lon, 6), return_index=True)[1]
-        ds, new_lon = ds.isel({cv.LONGITUDE: np.sort(keep)}), new_lon[np.sort(keep)]
+        ds, new_lon = ds.isel({conventions.LONGITUDE: np.sort(keep)}), new_lon[np.sort(keep)]
         notes.append(f"{path}: dropped a duplicated longitude column (e.g. 0 and 360)")
     if not np.allclose(new_lon, lon):
         notes.append(f"{path}: longitude converted to {convention}")
-    ds = ds.assign_coords({cv.LONGITUDE: new_lon}).sortby(cv.LONGITUDE)
-    return ds.assign_coords({cv.LATITUDE: ds[cv.LATITUDE].values.astype("float64")})
+    ds = ds.assign_coords({conventions.LONGITUDE: new_lon}).sortby(conventions.LONGITUDE)
+    return ds.assign_coords({conventions.LATITUDE: ds[conventions.LATITUDE].values.astype("float64")})
 
 
 def normalise_levels(ds: xr.Dataset, original_name: str | None, path: str,
                      notes: list[str]) -> xr.Dataset:
     """Pressure levels in hPa, whatever the file used."""
-    if cv.LEVEL not in ds.dims:
+    if conventions.LEVEL not in ds.dims:
         return ds
-    units = ds[cv.LEVEL].attrs.get("units") if cv.LEVEL in ds.coords else None
-    values = ds[cv.LEVEL].values.astype("float64")
+    units = ds[conventions.LEVEL].attrs.get("units") if conventions.LEVEL in ds.coords else None
+    values = ds[conventions.LEVEL].values.astype("float64")
     if units is None and original_name == "isobaricInPa":
         units = "Pa"
     if units is None:
@@ -302,11 +302,11 @@ def normalise_levels(ds: xr.Dataset, original_name: str | None, path: str,
     elif normalised != "hPa":
         raise DataError(f"level units {units!r} are not pressure (Pa or hPa)",
                         "only pressure levels are supported", path=path)
-    return ds.assign_coords({cv.LEVEL: values}).sortby(cv.LEVEL)
+    return ds.assign_coords({conventions.LEVEL: values}).sortby(conventions.LEVEL)
 
 
 def _original_level_name(ds: xr.Dataset) -> str | None:
-    return next((a for a in cv.DIMENSION_ALIASES[cv.LEVEL] if a in ds.dims), None)
+    return next((a for a in conventions.DIMENSION_ALIASES[conventions.LEVEL] if a in ds.dims), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,11 +315,11 @@ def _original_level_name(ds: xr.Dataset) -> str | None:
 _ACCUMULATION_PERIOD = re.compile(r".+_\d+hr")
 
 
-def _identify(name: str, array: xr.DataArray) -> cv.VariableInfo | None:
+def _identify(name: str, array: xr.DataArray) -> conventions.VariableInfo | None:
     """The canonical variable of a source variable, by name, GRIB short name or alias; the
     level dimension (under any of its names) tells ``z`` (geopotential) from ``z`` (surface
     geopotential)."""
-    has_levels = any(dim in cv.DIMENSION_ALIASES[cv.LEVEL] for dim in array.dims)
+    has_levels = any(dim in conventions.DIMENSION_ALIASES[conventions.LEVEL] for dim in array.dims)
     candidates = [name, array.attrs.get("GRIB_shortName"), array.attrs.get("short_name")]
     if _ACCUMULATION_PERIOD.fullmatch(name):
         # WB2 tags total_precipitation_24hr with ERA5's short name 'tp' (an hourly amount):
@@ -327,13 +327,13 @@ def _identify(name: str, array: xr.DataArray) -> cv.VariableInfo | None:
         candidates = [name]
     for candidate in candidates:
         if candidate:
-            info = cv.lookup_variable(str(candidate), has_levels)
+            info = conventions.lookup_variable(str(candidate), has_levels)
             if info is not None:
                 return info
     return None
 
 
-def _plausibility_hint(info: cv.VariableInfo, mean: float) -> str:
+def _plausibility_hint(info: conventions.VariableInfo, mean: float) -> str:
     if info.units == "K" and -90.0 < mean < 60.0:
         return " The values look like degrees Celsius."
     if info.units == "Pa" and 850.0 < mean < 1100.0:
@@ -348,12 +348,12 @@ def _standard_height(level_hpa: np.ndarray) -> np.ndarray:
     return 44330.8 * (1.0 - (level_hpa / 1013.25) ** 0.190263)
 
 
-def check_plausible(array: xr.DataArray, info: cv.VariableInfo, path: str) -> None:
+def check_plausible(array: xr.DataArray, info: conventions.VariableInfo, path: str) -> None:
     """Refuse values that cannot be ``info`` in canonical units (wrong units, garbage).
 
     Checks the first time step only, so it stays cheap for long records.
     """
-    sample = array.isel({d: 0 for d in (cv.TIME, cv.MEMBER) if d in array.dims})
+    sample = array.isel({d: 0 for d in (conventions.TIME, conventions.MEMBER) if d in array.dims})
     sample = sample.values.astype("float64")
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
@@ -369,10 +369,10 @@ def check_plausible(array: xr.DataArray, info: cv.VariableInfo, path: str) -> No
             "check the units: set the correct units in the source spec "
             f"(variables: {{{array.name}: {{name: {info.name}, units: ...}}}})",
             path=path, variable=str(array.name))
-    if info.name == "geopotential" and cv.LEVEL in array.dims:
+    if info.name == "geopotential" and conventions.LEVEL in array.dims:
         level_means = np.nanmean(sample.reshape(sample.shape[0], -1), axis=1)
-        expected = _standard_height(array[cv.LEVEL].values) * cv.STANDARD_GRAVITY
-        looks_like_height = np.abs(level_means - expected / cv.STANDARD_GRAVITY) < np.abs(
+        expected = _standard_height(array[conventions.LEVEL].values) * conventions.STANDARD_GRAVITY
+        looks_like_height = np.abs(level_means - expected / conventions.STANDARD_GRAVITY) < np.abs(
             level_means - expected)
         if np.any(looks_like_height & (expected > 5000.0)):
             raise DataError(
@@ -383,9 +383,9 @@ def check_plausible(array: xr.DataArray, info: cv.VariableInfo, path: str) -> No
                 variable=str(array.name))
 
 
-def _convert_units(array: xr.DataArray, spec: VariableSpec | None, info: cv.VariableInfo,
+def _convert_units(array: xr.DataArray, spec: VariableSpec | None, info: conventions.VariableInfo,
                    path: str, source_name: str, notes: list[str]) -> tuple[xr.DataArray,
-                                                                           cv.VariableInfo]:
+                                                                           conventions.VariableInfo]:
     file_units = array.attrs.get("units") or array.attrs.get("GRIB_units")
     units = spec.units if spec is not None and spec.units else file_units
     if spec is not None and spec.units and file_units and \
@@ -400,7 +400,7 @@ def _convert_units(array: xr.DataArray, spec: VariableSpec | None, info: cv.Vari
     target = info
     if info.name == "geopotential_height" or (
             info.name == "geopotential" and normalise_units(str(units)) in ("m", "dam")):
-        target = cv.VARIABLES["geopotential"]
+        target = conventions.VARIABLES["geopotential"]
     conversion = find_conversion(str(units), target.units)
     if conversion is None:
         raise DataError(f"units {units!r} cannot be converted to {target.units!r}, the units of "
@@ -420,7 +420,7 @@ def _refuse_time_dependent_fields(ds: xr.Dataset, spec: SourceSpec, path: str) -
     dynamic = []
     for name in map(str, ds.data_vars):
         if spec.variables:
-            info = cv.VARIABLES[spec.variables[name].name] if name in spec.variables else None
+            info = conventions.VARIABLES[spec.variables[name].name] if name in spec.variables else None
         else:
             info = _identify(name, ds[name])
         if info is not None and info.kind not in ("static", "computed"):
@@ -439,10 +439,10 @@ def _note_experiment_versions(ds: xr.Dataset, path: str, notes: list[str]) -> xr
     months; ERA5T is replaced by final data about two to three months later.
     """
     expver = ds.coords.get("expver")
-    if expver is None or expver.dims != (cv.TIME,):
+    if expver is None or expver.dims != (conventions.TIME,):
         return ds
     versions = np.asarray(expver.values).astype(str)
-    times = pd.DatetimeIndex(ds[cv.TIME].values)
+    times = pd.DatetimeIndex(ds[conventions.TIME].values)
     parts = []
     for version in dict.fromkeys(versions):
         where = times[versions == version]
@@ -454,7 +454,7 @@ def _note_experiment_versions(ds: xr.Dataset, path: str, notes: list[str]) -> xr
 
 def _choose_variables(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[str],
                       skipped: list[str]) -> dict[str, tuple[VariableSpec | None,
-                                                             cv.VariableInfo]]:
+                                                             conventions.VariableInfo]]:
     """The source variables to ingest, with their spec and canonical variable.
 
     Without a mapping in the spec, every variable whose name or alias is known; unknown names
@@ -468,7 +468,7 @@ def _choose_variables(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[s
                             f"{sorted(map(str, ds.data_vars))})",
                             "fix the names under 'variables' in the source spec",
                             path=path, variable=missing[0])
-        candidates = {name: (spec.variables[name], cv.VARIABLES[spec.variables[name].name])
+        candidates = {name: (spec.variables[name], conventions.VARIABLES[spec.variables[name].name])
                       for name in spec.variables}
     else:
         candidates = {}
@@ -492,20 +492,20 @@ def _choose_variables(ds: xr.Dataset, spec: SourceSpec, path: str, notes: list[s
     return chosen
 
 
-def _attach_level(array: xr.DataArray, var_spec: VariableSpec | None, info: cv.VariableInfo,
+def _attach_level(array: xr.DataArray, var_spec: VariableSpec | None, info: conventions.VariableInfo,
                   path: str, source_name: str) -> xr.DataArray:
     """Give a field the level its spec names, and check levels against the variable."""
     if var_spec is not None and var_spec.level is not None:
-        if cv.LEVEL in array.dims:
+        if conventions.LEVEL in array.dims:
             raise DataError("a level is given in the config but the variable has levels",
                             "remove 'level' from its spec", path=path, variable=source_name)
-        array = array.expand_dims({cv.LEVEL: [float(var_spec.level)]},
-                                  axis=array.dims.index(cv.LATITUDE))
-    if info.has_levels and cv.LEVEL not in array.dims:
+        array = array.expand_dims({conventions.LEVEL: [float(var_spec.level)]},
+                                  axis=array.dims.index(conventions.LATITUDE))
+    if info.has_levels and conventions.LEVEL not in array.dims:
         raise DataError(f"'{info.name}' is a pressure-level variable but this field has no "
                         "level", "give its level in the source spec (level: 500)",
                         path=path, variable=source_name)
-    if not info.has_levels and cv.LEVEL in array.dims:
+    if not info.has_levels and conventions.LEVEL in array.dims:
         raise DataError(f"'{info.name}' is a single-level variable but this field has "
                         "levels", "map it to the pressure-level variable instead",
                         path=path, variable=source_name)
@@ -535,30 +535,30 @@ def to_canonical(ds: xr.Dataset, spec: SourceSpec, path: str) -> CanonicalSource
     ds = rename_dimensions(ds, spec, path)
     ds = normalise_grid(ds, path, notes)
     ds = normalise_levels(ds, level_name, path, notes)
-    if cv.MEMBER in ds.coords and cv.MEMBER not in ds.dims:
-        ds = ds.drop_vars(cv.MEMBER)
-    if timed and cv.MEMBER not in ds.dims:
-        ds = ds.expand_dims({cv.MEMBER: [0]}, axis=1)
+    if conventions.MEMBER in ds.coords and conventions.MEMBER not in ds.dims:
+        ds = ds.drop_vars(conventions.MEMBER)
+    if timed and conventions.MEMBER not in ds.dims:
+        ds = ds.expand_dims({conventions.MEMBER: [0]}, axis=1)
 
     variables: dict[str, xr.DataArray] = {}
     statics: dict[str, xr.DataArray] = {}
     for source_name, (var_spec, info) in _choose_variables(ds, spec, path, notes,
                                                            skipped).items():
         array = ds[source_name]
-        if cv.LATITUDE not in array.dims or cv.LONGITUDE not in array.dims:
+        if conventions.LATITUDE not in array.dims or conventions.LONGITUDE not in array.dims:
             raise DataError(f"variable has dims {array.dims}, not a latitude-longitude field",
                             "drop it from the source spec", path=path, variable=source_name)
         if info.kind == "static":  # time-invariant: the first time and member
-            array = array.isel({d: 0 for d in (cv.TIME, cv.MEMBER) if d in array.dims},
+            array = array.isel({d: 0 for d in (conventions.TIME, conventions.MEMBER) if d in array.dims},
                                drop=True)
-        elif cv.TIME not in array.dims:
+        elif conventions.TIME not in array.dims:
             raise DataError(f"'{info.name}' has no time dimension, but it is not a static "
                             "field", "give the variable a time axis, or map it to a static "
                             "variable", path=path, variable=source_name)
-        elif cv.MEMBER not in array.dims:
-            array = array.expand_dims({cv.MEMBER: ds[cv.MEMBER].values[:1]}, axis=1)
+        elif conventions.MEMBER not in array.dims:
+            array = array.expand_dims({conventions.MEMBER: ds[conventions.MEMBER].values[:1]}, axis=1)
         array = _attach_level(array, var_spec, info, path, source_name)
-        order = [d for d in (cv.TIME, cv.MEMBER, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE)
+        order = [d for d in (conventions.TIME, conventions.MEMBER, conventions.LEVEL, conventions.LATITUDE, conventions.LONGITUDE)
                  if d in array.dims]
         array = array.transpose(*order)
         array, target = _convert_units(array, var_spec, info, path, source_name, notes)

@@ -26,9 +26,9 @@ import zarr
 from tqdm.auto import tqdm
 
 import weathermodel
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.configuration import config_to_dict
-from weathermodel.data import store as st
+from weathermodel.data import store
 from weathermodel.data.config import DateRange, PrepareConfig, parse_time, parse_timedelta
 from weathermodel.data.forcings import compute_forcings, grid_static_fields
 from weathermodel.data.grid import describe_grid
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Combined:
+class CombinedSources:
     """All sources as channels: ``state`` (time, number, channel, lat, lon), lazily."""
 
     state: xr.DataArray
@@ -66,7 +66,7 @@ def _check_same_grid(reference: CanonicalSource, other: CanonicalSource) -> None
     first, second = reference.any_field(), other.any_field()
     if first is None or second is None:
         _refuse_empty_source(other if second is None else reference)
-    for name in (cv.LATITUDE, cv.LONGITUDE):
+    for name in (conventions.LATITUDE, conventions.LONGITUDE):
         a, b = first[name].values, second[name].values
         if a.shape != b.shape or not np.allclose(a, b, atol=1e-5):
             raise DataError(
@@ -79,8 +79,8 @@ def _check_same_grid(reference: CanonicalSource, other: CanonicalSource) -> None
 def _concat_time(pieces: list[xr.DataArray], name: str) -> xr.DataArray:
     if len(pieces) == 1:
         return pieces[0]
-    combined = xr.concat(pieces, dim=cv.TIME, join="exact")
-    return combined.sortby(cv.TIME)
+    combined = xr.concat(pieces, dim=conventions.TIME, join="exact")
+    return combined.sortby(conventions.TIME)
 
 
 def _refuse_empty_source(source: CanonicalSource) -> None:
@@ -93,15 +93,15 @@ def _refuse_empty_source(source: CanonicalSource) -> None:
 
 def _fixed_forcing_masks(state: xr.DataArray, variables: list[str]) -> dict[int, np.ndarray]:
     """NaN masks of the forcing channels: NaN at both the first and the last time."""
-    indices = [i for i, name in enumerate(variables) if cv.VARIABLES[name].kind == "forcing"]
+    indices = [i for i, name in enumerate(variables) if conventions.VARIABLES[name].kind == "forcing"]
     if not indices:
         return {}
-    ends = state.isel({cv.TIME: [0, -1], cv.CHANNEL: indices}).values  # (2, member, c, y, x)
+    ends = state.isel({conventions.TIME: [0, -1], conventions.CHANNEL: indices}).values  # (2, member, c, y, x)
     masks = np.isnan(ends).all(axis=0)
     return {index: masks[:, k] for k, index in enumerate(indices) if masks[:, k].any()}
 
 
-def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Combined:
+def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> CombinedSources:
     """Stack canonical variables into channels, on one grid and one time axis.
 
     Time-varying variables (whatever their role: state, forcing or diagnostic) become the
@@ -120,20 +120,20 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
     statics_found: dict[str, xr.DataArray] = {}
     for source in sources:
         for name, array in source.variables.items():
-            index = pd.DatetimeIndex(array[cv.TIME].values)
+            index = pd.DatetimeIndex(array[conventions.TIME].values)
             if index.has_duplicates or not index.is_monotonic_increasing:
                 # refuse here: selecting start..end on such an axis fails with a bare pandas error
-                inspect_time_axis(array[cv.TIME].values, None, source.path)
+                inspect_time_axis(array[conventions.TIME].values, None, source.path)
             pieces.setdefault(name, []).append(array)
             origins.setdefault(name, []).append(source.path)
         for name, array in source.statics.items():
             statics_found.setdefault(name, array)
-    computed = [name for name in config.variables if cv.VARIABLES[name].kind == "computed"]
+    computed = [name for name in config.variables if conventions.VARIABLES[name].kind == "computed"]
     if computed:
         raise DataError(f"{computed} are computed by weathermodel as forcings (in the store's "
                         "'forcings'), never read from sources", "remove them from 'variables'",
                         path=sources[0].path, variable=computed[0])
-    wanted = list(config.variables) or [v for v in cv.VARIABLES
+    wanted = list(config.variables) or [v for v in conventions.VARIABLES
                                         if v in pieces or v in statics_found]
     missing = [name for name in wanted if name not in pieces and name not in statics_found]
     if missing:
@@ -146,7 +146,7 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
     statics = [statics_found[name].rename(name) for name in wanted if name in statics_found]
     channel_sources = []
     for name in wanted:
-        info = cv.VARIABLES[name]
+        info = conventions.VARIABLES[name]
         if name not in pieces:  # a static field, taken above
             continue
         paths = list(dict.fromkeys(origins[name]))
@@ -154,9 +154,9 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
         by_level: dict[float, list[xr.DataArray]] = {}
         for array in pieces[name]:
             if info.has_levels:
-                for level in array[cv.LEVEL].values:
+                for level in array[conventions.LEVEL].values:
                     by_level.setdefault(float(level), []).append(
-                        array.sel({cv.LEVEL: level}).drop_vars(cv.LEVEL))
+                        array.sel({conventions.LEVEL: level}).drop_vars(conventions.LEVEL))
             else:
                 # one shared NaN object: float("nan") != float("nan"), so a fresh one per
                 # source would make a separate channel of every file of a single-level variable
@@ -172,8 +172,8 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
         for level in levels:
             array = _concat_time(by_level[level], name)
             if len(by_level[level]) > 1:  # overlapping files: name the duplicated times
-                inspect_time_axis(array[cv.TIME].values, None, where)
-            array = array.sel({cv.TIME: slice(start, end)})
+                inspect_time_axis(array[conventions.TIME].values, None, where)
+            array = array.sel({conventions.TIME: slice(start, end)})
             state_arrays.append(array)
             channel_variables.append(name)
             channel_levels.append(level)
@@ -182,26 +182,26 @@ def combine_sources(sources: list[CanonicalSource], config: PrepareConfig) -> Co
         raise DataError("only static fields found; nothing to train on",
                         "add time-varying variables", path=sources[0].path)
     try:
-        state = xr.concat(state_arrays, dim=cv.CHANNEL, join="exact", coords="minimal",
+        state = xr.concat(state_arrays, dim=conventions.CHANNEL, join="exact", coords="minimal",
                           compat="override")
     except ValueError as error:
         raise DataError(f"the sources cover different times or members ({error})",
                         "set start/end so that every source covers the same times",
                         path=sources[0].path) from error
-    channels = [cv.channel_name(v, None if np.isnan(lv) else lv)
+    channels = [conventions.channel_name(v, None if np.isnan(lv) else lv)
                 for v, lv in zip(channel_variables, channel_levels)]
-    state = state.assign_coords({cv.CHANNEL: channels}).transpose(
-        cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
+    state = state.assign_coords({conventions.CHANNEL: channels}).transpose(
+        conventions.TIME, conventions.MEMBER, conventions.CHANNEL, conventions.LATITUDE, conventions.LONGITUDE)
     # statics on the grid of the state (the grids were checked equal to within 1e-5 degrees)
     static = xr.concat(statics, dim="static", join="override").assign_coords(
-        {"static": [s.name for s in statics], cv.LATITUDE: state[cv.LATITUDE].values,
-         cv.LONGITUDE: state[cv.LONGITUDE].values}) if statics else None
+        {"static": [s.name for s in statics], conventions.LATITUDE: state[conventions.LATITUDE].values,
+         conventions.LONGITUDE: state[conventions.LONGITUDE].values}) if statics else None
     notes = [note for source in sources for note in source.notes]
-    masks = _fixed_forcing_masks(state, channel_variables) if state.sizes[cv.TIME] else {}
+    masks = _fixed_forcing_masks(state, channel_variables) if state.sizes[conventions.TIME] else {}
     for index, mask in masks.items():
         notes.append(f"{channels[index]}: NaN at {mask.mean():.1%} of the grid at the first "
                      "and the last time: a fixed mask (e.g. land), not missing data")
-    return Combined(state, static, channel_variables, channel_levels, notes, channel_sources,
+    return CombinedSources(state, static, channel_variables, channel_levels, notes, channel_sources,
                     masks)
 
 
@@ -214,7 +214,7 @@ def _fingerprint(config: PrepareConfig, opened: list[OpenedSource]) -> str:
     if relevant.get("statistics") is None:  # the default: stores made before the option match
         relevant.pop("statistics", None)
     relevant["checksums"] = [source.checksum for source in opened]
-    relevant["format_version"] = st.FORMAT_VERSION
+    relevant["format_version"] = store.FORMAT_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -232,7 +232,7 @@ def dask_context(scheduler: str | None) -> Iterator[None]:
         yield
 
 
-def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
+def _check_missing(block: np.ndarray, combined: CombinedSources, limit: float, t0: int,
                    times: np.ndarray, path: str) -> None:
     """Refuse a block (time, number, channel, lat, lon) with more missing values (NaN) per
     channel than ``limit`` (``max_missing_fraction``).
@@ -250,7 +250,7 @@ def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
         variable = combined.channel_variables[channel]
         raise DataError(
             f"{fractions[channel]:.1%} of the values of channel "
-            f"'{combined.state[cv.CHANNEL].values[channel]}' are missing (NaN) in the block from "
+            f"'{combined.state[conventions.CHANNEL].values[channel]}' are missing (NaN) in the block from "
             f"{pd.Timestamp(times[t0])}; the limit max_missing_fraction is {limit:.1%}",
             "fill or mask the missing values, or raise max_missing_fraction if they are "
             "expected (e.g. outside a regional domain); the same command with the new limit "
@@ -259,34 +259,34 @@ def _check_missing(block: np.ndarray, combined: Combined, limit: float, t0: int,
             variable=variable)
 
 
-def _metadata(config: PrepareConfig, combined: Combined, report: TimeAxisReport,
+def _metadata(config: PrepareConfig, combined: CombinedSources, report: TimeAxisReport,
               opened: list[OpenedSource], fingerprint: str) -> dict:
     state = combined.state
     variables = []
     for name in dict.fromkeys(combined.channel_variables):
-        info = cv.VARIABLES[name]
+        info = conventions.VARIABLES[name]
         levels = [lv for v, lv in zip(combined.channel_variables, combined.channel_levels)
                   if v == name and not np.isnan(lv)]
         variables.append({"name": name, "units": info.units, "standard_name": info.standard_name,
                           "levels": levels})
     return {
-        "format_version": st.FORMAT_VERSION,
+        "format_version": store.FORMAT_VERSION,
         "package_version": weathermodel.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(),
         "fingerprint": fingerprint,
         "variables": variables,
-        "channels": [str(c) for c in state[cv.CHANNEL].values],
+        "channels": [str(c) for c in state[conventions.CHANNEL].values],
         "levels": sorted({lv for lv in combined.channel_levels if not np.isnan(lv)}),
-        "forcings": list(cv.FORCING_NAMES),
-        "statics": list(cv.GRID_STATIC_NAMES) + (
+        "forcings": list(conventions.FORCING_NAMES),
+        "statics": list(conventions.GRID_STATIC_NAMES) + (
             [str(s) for s in combined.statics["static"].values]
             if combined.statics is not None else []),
-        "grid": describe_grid(state[cv.LATITUDE].values, state[cv.LONGITUDE].values).to_dict(),
+        "grid": describe_grid(state[conventions.LATITUDE].values, state[conventions.LONGITUDE].values).to_dict(),
         "time_step_seconds": int(report.step.total_seconds()),
-        "time_range": [str(pd.Timestamp(state[cv.TIME].values[0])),
-                       str(pd.Timestamp(state[cv.TIME].values[-1]))],
-        "n_times": int(state.sizes[cv.TIME]),
-        "n_members": int(state.sizes[cv.MEMBER]),
+        "time_range": [str(pd.Timestamp(state[conventions.TIME].values[0])),
+                       str(pd.Timestamp(state[conventions.TIME].values[-1]))],
+        "n_times": int(state.sizes[conventions.TIME]),
+        "n_members": int(state.sizes[conventions.MEMBER]),
         "gaps": [list(g) for g in report.gaps],
         "sources": [{"path": str(Path(s.path).resolve()) if not s.path.startswith(
             ("http", "gs:", "s3:")) else s.path, "checksum": s.checksum,
@@ -317,7 +317,7 @@ def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> tuple[st
     """
     if not output.exists():
         return "create", output
-    metadata = st.read_metadata(output) if output.is_dir() else None
+    metadata = store.read_metadata(output) if output.is_dir() else None
     if metadata is not None and metadata.get("fingerprint") == fingerprint and not overwrite:
         return ("done" if metadata.get("complete") else "resume"), output
     if metadata is None and (not output.is_dir() or any(output.iterdir())):
@@ -336,7 +336,7 @@ def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> tuple[st
         output.rmdir()
         return "create", output
     partial = _partial_path(output)
-    partial_metadata = st.read_metadata(partial) if partial.is_dir() else None
+    partial_metadata = store.read_metadata(partial) if partial.is_dir() else None
     if partial_metadata is not None and partial_metadata.get("fingerprint") == fingerprint:
         return "resume", partial
     return "create", partial
@@ -345,10 +345,10 @@ def _prepare_target(output: Path, fingerprint: str, overwrite: bool) -> tuple[st
 def _swap_into_place(partial: Path, output: Path) -> None:
     """Replace ``output`` by the complete store at ``partial`` (directory renames)."""
     retired = output.with_name(output.name + ".replaced")
-    st.remove_store(retired)
+    store.remove_store(retired)
     output.rename(retired)
     partial.rename(output)
-    st.remove_store(retired)
+    store.remove_store(retired)
 
 
 def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True) -> Path:
@@ -356,7 +356,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     output = Path(config.output)
     opened, canonical = _open_all(config)
     combined = combine_sources(canonical, config)
-    times = combined.state[cv.TIME].values
+    times = combined.state[conventions.TIME].values
     declared = parse_timedelta(config.time_step, "time_step") if config.time_step else None
     report = inspect_time_axis(times, declared, opened[0].path)
     if report.gaps and config.on_gap == "error":
@@ -372,19 +372,19 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         log.info("%s is already complete; nothing to do", output)
         return output
     if action == "create":
-        st.remove_store(work)  # only ever a stale <output>.partial
+        store.remove_store(work)  # only ever a stale <output>.partial
         metadata = _metadata(config, combined, report, opened, fingerprint)
         state = combined.state
-        layout = st.StoreLayout(
-            times=times, members=state[cv.MEMBER].values, channels=metadata["channels"],
+        layout = store.StoreLayout(
+            times=times, members=state[conventions.MEMBER].values, channels=metadata["channels"],
             channel_variables=combined.channel_variables, channel_levels=combined.channel_levels,
-            latitude=state[cv.LATITUDE].values, longitude=state[cv.LONGITUDE].values,
+            latitude=state[conventions.LATITUDE].values, longitude=state[conventions.LONGITUDE].values,
             static_names=metadata["statics"], compressor=config.compressor)
-        st.require_free_space(work, st.estimated_store_bytes(layout), "the training store")
-        st.create_store(work, layout, metadata)
-        st.save_progress(work, {"fingerprint": fingerprint, "blocks_done": []})
+        store.require_free_space(work, store.estimated_store_bytes(layout), "the training store")
+        store.create_store(work, layout, metadata)
+        store.save_progress(work, {"fingerprint": fingerprint, "blocks_done": []})
     else:  # resume: drop the half-written temporary chunk files of a killed run
-        removed = st.remove_partial_writes(work)
+        removed = store.remove_partial_writes(work)
         if removed:
             log.info("%s: removed %d temporary file(s) of an interrupted run", work, removed)
     with dask_context(config.dask_scheduler):
@@ -395,58 +395,58 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     return output
 
 
-def _write_blocks(output: Path, combined: Combined, report: TimeAxisReport,
+def _write_blocks(output: Path, combined: CombinedSources, report: TimeAxisReport,
                   config: PrepareConfig, progress: bool) -> None:
     state = combined.state
-    times = state[cv.TIME].values
-    lat, lon = state[cv.LATITUDE].values, state[cv.LONGITUDE].values
-    done_payload = st.load_progress(output)
+    times = state[conventions.TIME].values
+    lat, lon = state[conventions.LATITUDE].values, state[conventions.LONGITUDE].values
+    done_payload = store.load_progress(output)
     done = set(done_payload.get("blocks_done", []))
     if "static" not in done:
         grid_static = grid_static_fields(lat, lon)
         source_static = (combined.statics.values.astype("float32")
                          if combined.statics is not None else np.zeros((0, *grid_static.shape[1:]),
                                                                       "float32"))
-        st.write_array(output, "statics", np.concatenate([grid_static, source_static]),
-                       ("static", cv.LATITUDE, cv.LONGITUDE), (slice(None),) * 3)
-        st.write_array(output, "consecutive", report.consecutive, (cv.TIME,), (slice(None),))
+        store.write_array(output, "statics", np.concatenate([grid_static, source_static]),
+                       ("static", conventions.LATITUDE, conventions.LONGITUDE), (slice(None),) * 3)
+        store.write_array(output, "consecutive", report.consecutive, (conventions.TIME,), (slice(None),))
         done.add("static")
     n_blocks = -(-times.size // config.time_block)
     todo = [b for b in range(n_blocks) if b not in done]
     for block in tqdm(todo, desc="prepare: writing", unit="block", disable=not progress):
         t0, t1 = block * config.time_block, min((block + 1) * config.time_block, times.size)
-        values = state.isel({cv.TIME: slice(t0, t1)}).data
+        values = state.isel({conventions.TIME: slice(t0, t1)}).data
         values = np.asarray(values.compute() if isinstance(values, da.Array) else values,
                             dtype="float32")
         _check_missing(values, combined, config.max_missing_fraction, t0, times, str(output))
-        st.write_array(output, "state", values, (), (slice(t0, t1),))
-        st.write_array(output, "forcings", compute_forcings(times[t0:t1], lat, lon), (),
+        store.write_array(output, "state", values, (), (slice(t0, t1),))
+        store.write_array(output, "forcings", compute_forcings(times[t0:t1], lat, lon), (),
                        (slice(t0, t1),))
         done.add(block)
-        st.save_progress(output, {**done_payload, "blocks_done": sorted(done, key=str)})
+        store.save_progress(output, {**done_payload, "blocks_done": sorted(done, key=str)})
 
 
-def _finalise(output: Path, combined: Combined, period: DateRange | None = None) -> None:
+def _finalise(output: Path, combined: CombinedSources, period: DateRange | None = None) -> None:
     """Statistics in one streaming pass over ``period`` (None: the whole record), then mark
     the store complete."""
     group = zarr.open_group(str(output), mode="r")
-    times = combined.state[cv.TIME].values
+    times = combined.state[conventions.TIME].values
     first, stop = period_indices(times, period, str(output))
     stats = store_statistics(group, first, stop)
     forcing_mean, forcing_std = stats.pop("forcing_mean"), stats.pop("forcing_std")
     for name, values in stats.items():
-        st.write_array(output, name, values, (cv.CHANNEL,))
-    st.write_array(output, "forcing_mean", forcing_mean, ("forcing",))
-    st.write_array(output, "forcing_std", forcing_std, ("forcing",))
+        store.write_array(output, name, values, (conventions.CHANNEL,))
+    store.write_array(output, "forcing_mean", forcing_mean, ("forcing",))
+    store.write_array(output, "forcing_std", forcing_std, ("forcing",))
     static = group["statics"][:].astype("float64")
-    st.write_array(output, "static_mean", static.mean(axis=(1, 2)), ("static",))
-    st.write_array(output, "static_std", static.std(axis=(1, 2)), ("static",))
+    store.write_array(output, "static_mean", static.mean(axis=(1, 2)), ("static",))
+    store.write_array(output, "static_std", static.std(axis=(1, 2)), ("static",))
     groups: dict[str, list[int]] = {}
     for index, variable in enumerate(combined.channel_variables):
         groups.setdefault(variable, []).append(index)
     channel_stats = {str(channel): {k: float(stats[k][i]) for k in stats}
-                     for i, channel in enumerate(combined.state[cv.CHANNEL].values)}
-    st.update_metadata(output, statistics=channel_stats,
+                     for i, channel in enumerate(combined.state[conventions.CHANNEL].values)}
+    store.update_metadata(output, statistics=channel_stats,
                        variable_statistics=pooled_statistics(stats, groups),
                        statistics_period=period_label(times, first, stop), complete=True)
     log.info("%s complete", output)

@@ -35,7 +35,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.errors import OutputError, StoreError
 
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ class StoreLayout:
 def _encoding(layout: StoreLayout) -> dict[str, dict]:
     compressors = None if layout.compressor == "none" else [
         {"name": "zstd", "configuration": {"level": 3, "checksum": False}}]
-    n_channel, n_forcing = len(layout.channels), len(cv.FORCING_NAMES)
+    n_channel, n_forcing = len(layout.channels), len(conventions.FORCING_NAMES)
     shape = (layout.latitude.size, layout.longitude.size)
     return {
         "state": {"chunks": (1, 1, n_channel, *shape), "compressors": compressors},
@@ -90,7 +90,7 @@ def estimated_store_bytes(layout: StoreLayout) -> int:
     grid = layout.latitude.size * layout.longitude.size * 4
     n_time, n_member = layout.times.size, layout.members.size
     return (chunk_files_bytes(n_time * n_member, len(layout.channels) * grid)
-            + chunk_files_bytes(n_time, len(cv.FORCING_NAMES) * grid)
+            + chunk_files_bytes(n_time, len(conventions.FORCING_NAMES) * grid)
             + chunk_files_bytes(1, len(layout.static_names) * grid))
 
 
@@ -151,28 +151,28 @@ def create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> N
 
     n_time, n_member = layout.times.size, layout.members.size
     shape = (layout.latitude.size, layout.longitude.size)
-    dims_state = (cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
+    dims_state = (conventions.TIME, conventions.MEMBER, conventions.CHANNEL, conventions.LATITUDE, conventions.LONGITUDE)
     template = xr.Dataset(
         {
             "state": (dims_state, da.zeros((n_time, n_member, len(layout.channels), *shape),
                                            dtype="float32", chunks=-1)),
-            "forcings": ((cv.TIME, "forcing", cv.LATITUDE, cv.LONGITUDE),
-                         da.zeros((n_time, len(cv.FORCING_NAMES), *shape), dtype="float32",
+            "forcings": ((conventions.TIME, "forcing", conventions.LATITUDE, conventions.LONGITUDE),
+                         da.zeros((n_time, len(conventions.FORCING_NAMES), *shape), dtype="float32",
                                   chunks=-1)),
-            "statics": (("static", cv.LATITUDE, cv.LONGITUDE),
+            "statics": (("static", conventions.LATITUDE, conventions.LONGITUDE),
                        da.zeros((len(layout.static_names), *shape), dtype="float32", chunks=-1)),
         },
         coords={
-            cv.TIME: layout.times,
-            cv.MEMBER: layout.members,
-            cv.CHANNEL: np.asarray(layout.channels, dtype=object),
-            "channel_variable": (cv.CHANNEL, np.asarray(layout.channel_variables, dtype=object)),
-            "channel_level": (cv.CHANNEL, np.asarray(layout.channel_levels, dtype="float64")),
-            "forcing": np.asarray(cv.FORCING_NAMES, dtype=object),
+            conventions.TIME: layout.times,
+            conventions.MEMBER: layout.members,
+            conventions.CHANNEL: np.asarray(layout.channels, dtype=object),
+            "channel_variable": (conventions.CHANNEL, np.asarray(layout.channel_variables, dtype=object)),
+            "channel_level": (conventions.CHANNEL, np.asarray(layout.channel_levels, dtype="float64")),
+            "forcing": np.asarray(conventions.FORCING_NAMES, dtype=object),
             "static": np.asarray(layout.static_names, dtype=object),
-            cv.LATITUDE: (cv.LATITUDE, layout.latitude, {"units": "degrees_north",
+            conventions.LATITUDE: (conventions.LATITUDE, layout.latitude, {"units": "degrees_north",
                                                          "standard_name": "latitude"}),
-            cv.LONGITUDE: (cv.LONGITUDE, layout.longitude, {"units": "degrees_east",
+            conventions.LONGITUDE: (conventions.LONGITUDE, layout.longitude, {"units": "degrees_east",
                                                             "standard_name": "longitude"}),
         },
         attrs={"weathermodel": {**metadata, "complete": False},

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.dataset import StoreSummary
 from weathermodel.errors import ConfigError
 from weathermodel.models.config import ModelConfig
@@ -67,7 +67,7 @@ class ModelMetadata:
 
     def __post_init__(self) -> None:  # files written before roles: every channel prognostic
         if not self.channel_roles:
-            self.channel_roles = [cv.PROGNOSTIC] * len(self.channels)
+            self.channel_roles = [conventions.PROGNOSTIC] * len(self.channels)
         if not self.channel_has_missing:
             self.channel_has_missing = [False] * len(self.channels)
         for name in ("channel_variables", "channel_levels", "channel_roles",
@@ -122,8 +122,8 @@ def resolve_roles(channel_variables: list[str], config: ModelConfig | None) -> l
     """
     present = set(channel_variables)
     explicit: dict[str, str] = {}
-    for role, names in ((cv.FORCING, config.forcing if config else None),
-                        (cv.DIAGNOSTIC, config.diagnostic if config else None)):
+    for role, names in ((conventions.FORCING, config.forcing if config else None),
+                        (conventions.DIAGNOSTIC, config.diagnostic if config else None)):
         if names is None:
             continue
         absent = sorted(set(names) - present)
@@ -131,18 +131,18 @@ def resolve_roles(channel_variables: list[str], config: ModelConfig | None) -> l
             raise ConfigError(f"model.{role} names {absent}, which the store does not hold "
                               f"(it has {sorted(present)})", f"remove them from model.{role}")
         explicit.update({name: role for name in names})
-    defaults_overridden = {role for role, names in ((cv.FORCING, config and config.forcing),
-                                                    (cv.DIAGNOSTIC, config and config.diagnostic))
+    defaults_overridden = {role for role, names in ((conventions.FORCING, config and config.forcing),
+                                                    (conventions.DIAGNOSTIC, config and config.diagnostic))
                            if names is not None}
     roles = []
     for variable in channel_variables:
         role = explicit.get(variable)
         if role is None:
-            role = cv.default_role(variable)
+            role = conventions.default_role(variable)
             if role in defaults_overridden:  # an explicit list replaces the registry default
-                role = cv.PROGNOSTIC
+                role = conventions.PROGNOSTIC
         roles.append(role)
-    if cv.PROGNOSTIC not in roles:
+    if conventions.PROGNOSTIC not in roles:
         raise ConfigError("no prognostic variable is left: every channel is a forcing or a "
                           "diagnostic", "make at least one variable prognostic")
     return roles
@@ -205,17 +205,17 @@ class Forecaster(nn.Module):
         normalised = (torch.as_tensor(np.asarray(statics, "float32")) - static_mean) / static_std
         self.register_buffer("statics", normalised)
         self.history = config.history
-        inputs = metadata.role_index(cv.PROGNOSTIC, cv.FORCING)
-        outputs = metadata.role_index(cv.PROGNOSTIC, cv.DIAGNOSTIC)
+        inputs = metadata.role_index(conventions.PROGNOSTIC, conventions.FORCING)
+        outputs = metadata.role_index(conventions.PROGNOSTIC, conventions.DIAGNOSTIC)
         masked = [i for i in inputs if metadata.channel_has_missing[i]] \
             if config.imputer_mask_channel else []
         # channel index lists (not saved: they follow from the metadata)
         self.register_buffer("input_channel_index", _index(inputs), persistent=False)
         self.register_buffer("output_channel_index", _index(outputs), persistent=False)
         self.register_buffer("masked_channel_index", _index(masked), persistent=False)
-        self.register_buffer("forcing_channel_index", _index(metadata.role_index(cv.FORCING)),
+        self.register_buffer("forcing_channel_index", _index(metadata.role_index(conventions.FORCING)),
                              persistent=False)
-        is_diagnostic = [role == cv.DIAGNOSTIC for role in metadata.channel_roles]
+        is_diagnostic = [role == conventions.DIAGNOSTIC for role in metadata.channel_roles]
         # per output channel: the scale of the network's output and whether it is a tendency
         output_scale = torch.where(torch.tensor(is_diagnostic)[outputs],
                                    self.std[0, outputs, 0, 0], self.tendency_std[0, outputs, 0, 0])
