@@ -20,10 +20,12 @@ from scipy.stats import norm
 from weathermodel.evaluation import (acc, align, bias, climatology_forecast,
                                      compute_climatology, crps, ensemble_mean_rmse,
                                      latitude_weights, mae, make_climatology, mse,
-                                     persistence_forecast, region_mask, resolve_weighting, rmse,
-                                     rmse_sqrt_before_time_avg, score_table, spread,
-                                     spread_skill_ratio, truth_dataset, zonal_energy_spectrum)
+                                     persistence_forecast, rank_histogram, region_mask,
+                                     resolve_weighting, rmse, rmse_sqrt_before_time_avg,
+                                     score_table, spread, spread_skill_ratio, truth_dataset,
+                                     zonal_energy_spectrum)
 from weathermodel.evaluation.evaluate import evaluate
+from weathermodel.evaluation.layout import rank_histograms
 from weathermodel.errors import ConfigError
 
 pytestmark = [pytest.mark.filterwarnings("ignore:weighting='wb2_edges' on a grid"),
@@ -370,6 +372,104 @@ def test_spread_skill_ratio_of_a_consistent_ensemble_is_one() -> None:
     assert spread_skill_ratio(under, truth).compute()["x"].item() < 0.6  # underdispersive
 
 
+def test_rank_histogram_equals_a_brute_force_loop(synthetic: dict) -> None:
+    """Every bin = time mean of the area-weighted fraction of points where exactly k members
+    lie below the truth (continuous data: no ties), globally, in regions and lazily."""
+    aligned = align(synthetic["forecast"], synthetic["truth_ds"])
+    f, y = aligned.forecast, aligned.truth
+    box = (25.0, 60.0, -120.0, -75.0)
+
+    def in_bin(k):
+        def one_hot(members, truth):
+            out = np.zeros(truth.shape)
+            for i, j in np.ndindex(truth.shape):
+                out[i, j] = sum(1 for x in members[:, i, j] if x < truth[i, j]) == k
+            return out
+        return one_hot
+
+    expected = np.stack([brute_score(synthetic, in_bin(k)) for k in range(MEMBERS + 1)], -1)
+    in_box = np.stack([brute_score(synthetic, in_bin(k), mask=brute_mask(LATITUDE, LONGITUDE,
+                                                                           box))
+                       for k in range(MEMBERS + 1)], -1)
+    result = rank_histogram(f, y).compute()[VARIABLE]
+    assert result.dims == ("prediction_timedelta", "level", "rank")
+    np.testing.assert_array_equal(result["rank"].values, np.arange(MEMBERS + 1))
+    np.testing.assert_allclose(result.values, expected, rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(result.sum("rank").values, 1.0, rtol=1e-12)
+    regional = rank_histogram(f, y, regions={"box": box}).compute()[VARIABLE]
+    np.testing.assert_allclose(regional.sel(region="box").values, in_box, rtol=RTOL,
+                               atol=1e-12)
+    lazy = rank_histogram(f.chunk({"time": 1, "number": 1}), y.chunk({"time": 1}))
+    np.testing.assert_allclose(lazy.compute()[VARIABLE].values, expected, rtol=RTOL,
+                               atol=1e-12)
+
+
+def exchangeable_ensemble(members: int, spread_factor: float, seed: int = 1,
+                          shape=(60, 1, 16, 32)) -> tuple[xr.DataArray, xr.DataArray]:
+    """Truth and members around a common centre: truth deviations N(0, 1), member deviations
+    N(0, spread_factor^2) (1: calibrated; < 1: under-dispersive)."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(scale=5.0, size=shape)
+    ensemble = centre[:, None] + spread_factor * rng.normal(size=(shape[0], members,
+                                                                  *shape[1:]))
+    dims = ("time", "prediction_timedelta", "latitude", "longitude")
+    coords = {"latitude": np.linspace(-60, 60, shape[2]),
+              "longitude": np.arange(shape[3]) * 360.0 / shape[3]}
+    forecast = xr.DataArray(ensemble, dims=(dims[0], "number", *dims[1:]), coords=coords,
+                            name="x")
+    truth = xr.DataArray(centre + rng.normal(size=shape), dims=dims, coords=coords, name="x")
+    return forecast, truth
+
+
+def rank_frequency_tolerance(truth: xr.DataArray, bins: int) -> float:
+    """5 standard errors of one bin's area-weighted frequency for independent points."""
+    weights = np.broadcast_to(latitude_weights(truth["latitude"].values)[:, None],
+                              (truth.sizes["latitude"], truth.sizes["longitude"]))
+    effective = truth.sizes["time"] * weights.sum() ** 2 / (weights ** 2).sum()
+    p = 1.0 / bins
+    return 5.0 * math.sqrt(p * (1 - p) / effective)
+
+
+def test_rank_histogram_is_flat_when_calibrated_and_u_shaped_when_under_dispersive() -> None:
+    members = 10
+    forecast, truth = exchangeable_ensemble(members, 1.0)
+    flat = rank_histogram(forecast, truth).compute()["x"].squeeze().values
+    tolerance = rank_frequency_tolerance(truth, members + 1)
+    np.testing.assert_allclose(flat, 1.0 / (members + 1), atol=tolerance)
+    skill = ensemble_mean_rmse(forecast, truth).compute()["x"].item()
+    corrected_spread = spread(forecast, truth, finite_ensemble_correction=True
+                              ).compute()["x"].item()
+    assert corrected_spread / skill == pytest.approx(1.0, abs=0.02)
+    assert spread(forecast, truth).compute()["x"].item() == pytest.approx(
+        corrected_spread * math.sqrt(members / (members + 1)), rel=1e-12)
+    under, truth = exchangeable_ensemble(members, 0.5)
+    u_shape = rank_histogram(under, truth).compute()["x"].squeeze().values
+    assert u_shape[0] > 2.5 / (members + 1) and u_shape[-1] > 2.5 / (members + 1)
+    assert (u_shape[2:-2] < 0.8 / (members + 1)).all()
+    assert (np.diff(u_shape[:3]) < 0).all() and (np.diff(u_shape[-3:]) > 0).all()
+    assert spread_skill_ratio(under, truth, finite_ensemble_correction=True
+                              ).compute()["x"].item() < 0.6
+
+
+def test_rank_histogram_breaks_ties_at_random_with_a_fixed_seed() -> None:
+    """Truth and members from one distribution with an atom at 0 (as dry precipitation):
+    with ties broken at random the histogram stays flat, and it is the same at every call;
+    counting only the members below would put every tie in the lowest bin."""
+    members = 6
+    forecast, truth = exchangeable_ensemble(members, 1.0, seed=3)
+    forecast, truth = forecast.clip(min=0.0), truth.clip(min=0.0)
+    assert float((truth == 0).mean()) > 0.3
+    histogram = rank_histogram(forecast, truth).compute()["x"].squeeze().values
+    np.testing.assert_allclose(histogram, 1.0 / (members + 1),
+                               atol=rank_frequency_tolerance(truth, members + 1))
+    again = rank_histogram(forecast.chunk({"time": 7}), truth.chunk({"time": 7}))
+    np.testing.assert_array_equal(rank_histogram(forecast, truth).compute()["x"].values,
+                                  rank_histogram(forecast, truth).compute()["x"].values)
+    other_seed = rank_histogram(forecast, truth, seed=1).compute()["x"].squeeze().values
+    assert not np.array_equal(other_seed, histogram)
+    np.testing.assert_allclose(again.compute()["x"].squeeze().values.sum(), 1.0, rtol=1e-12)
+
+
 def test_zonal_energy_spectrum_equals_a_brute_force_dft() -> None:
     rng = np.random.default_rng(3)
     lon = np.arange(0.0, 360.0, 360.0 / 15)  # odd L: no Nyquist term
@@ -623,8 +723,24 @@ def test_evaluate_forecast_stores_with_baselines(ncep_file: Path, ncep_store: Pa
                                 prediction_timedelta=leads[1])) == pytest.approx(
         expected["rmse"], rel=1e-5)
     ens = scores_t2m.sel(system="ensemble", region="global")
-    assert np.isfinite(ens.sel(metric=["crps", "spread", "spread_skill_ratio"]).values).all()
+    assert np.isfinite(ens.sel(metric=["crps", "spread", "spread_skill_ratio",
+                                       "corrected_spread", "corrected_spread_skill_ratio"]
+                               ).values).all()
+    np.testing.assert_allclose(ens.sel(metric="corrected_spread_skill_ratio").values,
+                               ens.sel(metric="spread_skill_ratio").values * math.sqrt(4 / 3),
+                               rtol=1e-12)
     assert np.isnan(scores_t2m.sel(system="model", metric="crps").values).all()
+    # the ensemble's rank histogram: 3 members, 4 bins of frequencies summing to 1
+    histograms = rank_histograms(result)["2m_temperature"]
+    assert histograms.dims == ("system", "region", "prediction_timedelta", "rank")
+    np.testing.assert_array_equal(histograms["rank"].values, np.arange(4))
+    np.testing.assert_allclose(histograms.sel(system="ensemble").sum("rank").values, 1.0,
+                               rtol=1e-12)
+    assert np.isnan(histograms.sel(system="model").values).all()
+    histogram_table = score_table(result, metrics=["crps", "rank_histogram"])
+    assert "2m_temperature (global) rank histogram of ensemble" in histogram_table
+    assert "rank histogram of model" not in histogram_table
+    assert "rank histogram" not in score_table(result)
     assert (result["n_pairs"].sel(system="model").values == [40, 40]).all()
     written = xr.open_dataset(tmp_path / "scores.nc")
     xr.testing.assert_allclose(written["2m_temperature"], scores_t2m)

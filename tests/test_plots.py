@@ -19,11 +19,13 @@ import xarray as xr
 
 from weathermodel.cli import main
 from weathermodel.errors import ConfigError, WeatherModelError
-from weathermodel.evaluation import metrics as mt
-from weathermodel.evaluation.evaluate import energy_spectra
-from weathermodel.evaluation.plots import (plot_lead_time, plot_maps, plot_scorecard,
-                                           plot_spectra, shipped_coastline_dir,
-                                           use_shipped_coastlines, write_evaluation_plots)
+from weathermodel.evaluation.spectra import EARTH_RADIUS_M
+from weathermodel.evaluation.evaluate import energy_spectra, evaluate
+from weathermodel.evaluation.layout import rank_histograms
+from weathermodel.evaluation.plots import (plot_lead_time, plot_maps, plot_rank_histogram,
+                                           plot_scorecard, plot_spectra, plot_spread_skill,
+                                           shipped_coastline_dir, use_shipped_coastlines,
+                                           write_evaluation_plots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
 
@@ -212,7 +214,7 @@ def test_pure_zonal_wave_has_all_its_energy_at_its_wavenumber(tmp_path: Path) ->
     assert list(spectra["system"].values) == ["model", "truth"]
     assert spectra["u"].dims == ("system", "prediction_timedelta", "zonal_wavenumber")
     assert spectra["u"].attrs["units"] == "m (m s-1)2"
-    row_length = 2 * np.pi * mt.EARTH_RADIUS_M * np.cos(np.deg2rad(latitude))
+    row_length = 2 * np.pi * EARTH_RADIUS_M * np.cos(np.deg2rad(latitude))
     squares = {  # mean of A^2 over the scored pairs, per lead
         "model": [np.mean(amplitudes ** 2), np.mean(amplitudes[:2] ** 2)],
         "truth": [truth_amplitude ** 2] * 2}
@@ -425,6 +427,81 @@ def test_write_evaluation_plots_writes_every_figure(scores: xr.Dataset, offline:
 def _zarr(dataset: xr.Dataset, path: Path) -> str:
     dataset.to_zarr(path, mode="w", consolidated=True)
     return str(path)
+
+
+def ncep_ensemble_stores(folder: Path, members: int = 5) -> tuple[str, str]:
+    """(forecast, truth) zarr stores of an ensemble on the NCEP grid."""
+    forecast, truth = ncep_pair(members=members)
+    grid_attrs = {"latitude": {"units": "degrees_north"}, "longitude": {"units": "degrees_east"}}
+    for dataset in (forecast, truth):
+        for name, attrs in grid_attrs.items():
+            dataset[name].attrs = attrs
+    return _zarr(forecast, folder / "ensemble.zarr"), _zarr(truth, folder / "truth.zarr")
+
+
+@pytest.fixture(scope="module")
+def ensemble_scores(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+    """Scores of a 5-member ensemble and persistence, by ``evaluate``."""
+    forecast_path, truth_path = ncep_ensemble_stores(tmp_path_factory.mktemp("ensemble"))
+    return evaluate({"ensemble": forecast_path}, truth_path, baselines=["persistence"],
+                    weighting="edges")
+
+
+def test_spread_skill_curves_draw_the_skill_and_the_corrected_spread(
+        ensemble_scores: xr.Dataset, tmp_path: Path) -> None:
+    out = tmp_path / "spread_skill.png"
+    figure = plot_spread_skill(ensemble_scores, out=out)
+    assert_plausible_png(out)
+    (axes,) = figure.axes
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert sorted(lines) == ["ensemble skill", "ensemble spread"]  # persistence has no spread
+    values = ensemble_scores["2m_temperature"].sel(system="ensemble")
+    np.testing.assert_array_equal(lines["ensemble skill"].get_xdata(), [6.0, 12.0])
+    np.testing.assert_array_equal(lines["ensemble skill"].get_ydata(),
+                                  values.sel(metric="ensemble_mean_rmse").values)
+    np.testing.assert_array_equal(lines["ensemble spread"].get_ydata(),
+                                  values.sel(metric="corrected_spread").values)
+    np.testing.assert_allclose(values.sel(metric="corrected_spread").values,
+                               values.sel(metric="spread").values * np.sqrt(6 / 5), rtol=1e-12)
+    assert lines["ensemble spread"].get_linestyle() == "--"
+    with pytest.raises(ConfigError, match="ensemble_mean_rmse"):
+        plot_spread_skill(ensemble_scores.sel(system=["persistence"], metric=["rmse"]))
+
+
+def test_rank_histogram_bars_are_the_frequencies(ensemble_scores: xr.Dataset,
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "rank.png"
+    figure = plot_rank_histogram(ensemble_scores, "2m_temperature", "6h", out=out)
+    assert_plausible_png(out)
+    (axes,) = figure.axes
+    heights = [patch.get_height() for patch in axes.patches]
+    expected = rank_histograms(ensemble_scores)["2m_temperature"].sel(
+        system="ensemble", prediction_timedelta=np.timedelta64(6, "h"))
+    assert expected.sizes["rank"] == 6
+    np.testing.assert_allclose(heights, expected.values, rtol=1e-12)
+    assert sum(heights) == pytest.approx(1.0, rel=1e-12)
+    assert axes.get_lines()[0].get_ydata()[0] == pytest.approx(1 / 6)  # calibrated: flat
+    assert figure.get_suptitle() == "rank histogram, lead 6 h"
+    with pytest.raises(WeatherModelError, match="no rank histogram"):
+        plot_rank_histogram(ensemble_scores.sel(metric=["rmse"]), "2m_temperature")
+
+
+def test_evaluate_command_on_an_ensemble_prints_and_plots_its_calibration(
+        tmp_path: Path, offline: list[Path], capsys) -> None:
+    forecast_path, truth_path = ncep_ensemble_stores(tmp_path)
+    code = main(["evaluate", f"ens={forecast_path}", "--truth", truth_path, "--weighting",
+                 "edges", "--table-metrics", "crps,corrected_spread_skill_ratio,rank_histogram",
+                 "--plots", str(tmp_path / "plots")])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "corrected_spread_skill_ratio:ens" in printed and "crps:ens" in printed
+    assert "2m_temperature rank histogram of ens (frequency of each rank)" in printed
+    assert "r5" in printed and "r6" not in printed
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    for name in ["rank_histogram_2m_temperature_6h.png", "rank_histogram_2m_temperature_12h.png",
+                 "spread_skill.png"]:
+        assert name in written
+        assert_plausible_png(tmp_path / "plots" / name)
 
 
 def test_evaluate_command_writes_plots(tmp_path: Path, offline: list[Path], capsys) -> None:

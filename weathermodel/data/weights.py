@@ -19,7 +19,7 @@ are:
 ``auto``
     ``wb2_edges`` on grids that reach the poles (within a spacing), ``edges`` otherwise.
 
-Evaluation (:mod:`weathermodel.evaluation.metrics`) and the validation of training
+Evaluation (:mod:`weathermodel.evaluation.regions`) and the validation of training
 (:mod:`weathermodel.training.loop`) take their weights from here, so both score alike.
 """
 from __future__ import annotations

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.errors import ConfigError, DataError
-from weathermodel.evaluation.metrics import (DAYOFYEAR, HOUR, LEAD, VALID_TIME, Data,
-                                             as_dataset, climatology_at, gather)
+from weathermodel.evaluation.alignment import (DAYOFYEAR, HOUR, LEAD, VALID_TIME, Data,
+                                               as_dataset, climatology_at,
+                                               take_per_init_and_lead)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ def _as_times(values: np.ndarray | pd.DatetimeIndex | list, kind: str) -> np.nda
 
 def _forecast_schema(forecast: xr.Dataset, baseline: str) -> xr.Dataset:
     """valid_time coordinate, dims in forecast-store order, provenance attribute."""
-    valid = forecast[cv.TIME] + forecast[LEAD]
-    order = [d for d in (cv.TIME, LEAD, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE)
+    valid = forecast[conventions.TIME] + forecast[LEAD]
+    order = [d for d in (conventions.TIME, LEAD, conventions.LEVEL, conventions.LATITUDE,
+                         conventions.LONGITUDE)
              if d in forecast.dims]
     forecast = forecast.assign_coords({VALID_TIME: valid}).transpose(*order, ...)
     return forecast.assign_attrs(weathermodel_baseline=baseline)
@@ -62,7 +64,7 @@ def persistence_forecast(truth: Data, init_times: np.ndarray, leads: np.ndarray)
     """
     truth = as_dataset(truth)
     init_times, leads = _as_times(init_times, "time"), _as_times(leads, "lead")
-    positions = pd.Index(truth[cv.TIME].values).get_indexer(init_times)
+    positions = pd.Index(truth[conventions.TIME].values).get_indexer(init_times)
     keep = positions >= 0
     if not keep.all():
         log.warning("persistence: %d initialisation time(s) are not in the truth and are "
@@ -71,7 +73,7 @@ def persistence_forecast(truth: Data, init_times: np.ndarray, leads: np.ndarray)
         raise DataError("no initialisation time is in the truth",
                         "give the truth of the forecast's period")
     index = np.repeat(positions[keep, None], leads.size, axis=1)
-    forecast = gather(truth, cv.TIME, index, init_times[keep], leads)
+    forecast = take_per_init_and_lead(truth, conventions.TIME, index, init_times[keep], leads)
     return _forecast_schema(forecast, "persistence")
 
 
@@ -90,8 +92,8 @@ def climatology_forecast(climatology: xr.Dataset, init_times: np.ndarray,
     Dataset (time, prediction_timedelta, [level], latitude, longitude), forecast-store schema.
     """
     init_times, leads = _as_times(init_times, "time"), _as_times(leads, "lead")
-    valid = xr.DataArray(init_times[:, None] + leads[None, :], dims=(cv.TIME, LEAD),
-                         coords={cv.TIME: init_times, LEAD: leads})
+    valid = xr.DataArray(init_times[:, None] + leads[None, :], dims=(conventions.TIME, LEAD),
+                         coords={conventions.TIME: init_times, LEAD: leads})
     return _forecast_schema(climatology_at(as_dataset(climatology), valid), "climatology")
 
 
@@ -145,14 +147,14 @@ def _slot_mean(truth: xr.Dataset, hours: np.ndarray) -> xr.Dataset:
     Each year fills every slot at most once, so the truth is taken year by year onto the slot
     axis (one lazy take per year, chunks preserved) and the years are summed.
     """
-    times = pd.DatetimeIndex(truth[cv.TIME].values)
+    times = pd.DatetimeIndex(truth[conventions.TIME].values)
     total: xr.Dataset | float = 0.0
     count: xr.Dataset | float = 0.0
     for year in np.unique(times.year):
         positions = _slot_positions(times, hours, int(year))
         filled = pd.Series(np.where(positions >= 0, positions, np.nan)).ffill().bfill()
-        picked = truth.isel({cv.TIME: filled.to_numpy().astype(np.int64)}, drop=True)
-        picked = picked.drop_vars(cv.TIME).rename({cv.TIME: "_slot"})
+        picked = truth.isel({conventions.TIME: filled.to_numpy().astype(np.int64)}, drop=True)
+        picked = picked.drop_vars(conventions.TIME).rename({conventions.TIME: "_slot"})
         picked = picked.where(xr.DataArray(positions >= 0, dims="_slot"))
         total = total + picked.fillna(0.0)
         count = count + picked.notnull()
@@ -185,14 +187,14 @@ def compute_climatology(truth: Data, *, window_days: int | None = None,
     days when the window reaches data); if no year of the truth is a leap year, day 366
     copies day 365 (as WB2). Lazy when the truth is dask-backed.
     """
-    truth = as_dataset(truth).sel({cv.TIME: slice(start, end)})
-    if truth.sizes[cv.TIME] == 0:
+    truth = as_dataset(truth).sel({conventions.TIME: slice(start, end)})
+    if truth.sizes[conventions.TIME] == 0:
         raise DataError(f"no truth time within {start}..{end}", "widen the period")
-    times = pd.DatetimeIndex(truth[cv.TIME].values)
+    times = pd.DatetimeIndex(truth[conventions.TIME].values)
     hours = np.unique(times.hour) if hours is None else np.asarray(hours, dtype=np.int64)
-    truth = truth.isel({cv.TIME: np.isin(times.hour, hours)})
+    truth = truth.isel({conventions.TIME: np.isin(times.hour, hours)})
     if truth.chunks:  # few large tasks rather than one per stored time step
-        truth = truth.chunk({cv.TIME: "auto"})
+        truth = truth.chunk({conventions.TIME: "auto"})
     climatology = _slot_mean(truth, hours)
     if climatology.chunks:
         climatology = climatology.chunk({DAYOFYEAR: "auto", HOUR: -1})
@@ -203,7 +205,8 @@ def compute_climatology(truth: Data, *, window_days: int | None = None,
                                 dim=DAYOFYEAR)
     if window_days is not None and window_days > 1:
         climatology = smooth_dayofyear(climatology, window_days)
-    order = [d for d in (DAYOFYEAR, HOUR, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE)
+    order = [d for d in (DAYOFYEAR, HOUR, conventions.LEVEL, conventions.LATITUDE,
+                         conventions.LONGITUDE)
              if d in climatology.dims]
     climatology = climatology.transpose(*order, ...)
     for name in climatology.data_vars:

@@ -13,14 +13,18 @@ Result layout (as WB2's evaluation output, plus a ``system`` dimension)::
     Coordinates: system, metric, [region,] prediction_timedelta, [level],
                  n_pairs (system, prediction_timedelta)   init times scored per lead
     Data variables: one per weather variable, in its units (mse: squared; acc,
-                    spread_skill_ratio: 1)
+                    spread-skill ratios, rank-histogram frequencies: 1)
 
 Zonal energy spectra of the forecasts and the truth (:func:`energy_spectra`) and the plots
 of :mod:`weathermodel.evaluation.plots` (:func:`plot_evaluation`) come from the same stores.
 
 Metrics: every system gets ``mse``, ``rmse``, ``rmse_sqrt_before_time_avg``, ``mae``,
 ``bias`` and, given a climatology, ``acc`` (for an ensemble: of the ensemble mean); ensembles
-also ``crps``, ``ensemble_mean_rmse``, ``spread`` and ``spread_skill_ratio``.
+(a ``number`` dimension) also ``crps``, ``ensemble_mean_rmse``, ``spread``,
+``spread_skill_ratio``, ``corrected_spread``, ``corrected_spread_skill_ratio`` (definitions in
+:mod:`weathermodel.evaluation.ensemble`) and their rank histogram, one metric per bin
+``rank_histogram_00`` .. ``rank_histogram_<M>`` (see :mod:`weathermodel.evaluation.layout`;
+:func:`score_table` prints them for ``metrics`` holding ``"rank_histogram"``).
 """
 from __future__ import annotations
 
@@ -36,22 +40,28 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
+from weathermodel.data.weights import DEFAULT_WEIGHTING, resolve_weighting
 from weathermodel.errors import ConfigError, DataError, OutputError
-from weathermodel.evaluation import baselines as bl
-from weathermodel.evaluation import metrics as mt
+from weathermodel.evaluation.alignment import (DAYOFYEAR, HOUR, LEAD, N_PAIRS, SPACE, VALID_PAIR,
+                                               align, climatology_for, latitude_ascending)
+from weathermodel.evaluation.baselines import (climatology_forecast, compute_climatology,
+                                               persistence_forecast)
+from weathermodel.evaluation.deterministic import DETERMINISTIC_SCORES, acc
+from weathermodel.evaluation.ensemble import ENSEMBLE_SCORES, RANK, rank_histogram
+from weathermodel.evaluation.layout import (METRIC, RANK_HISTOGRAM, SYSTEM, TRUTH_SYSTEM,
+                                            rank_histogram_metric, rank_histograms)
+from weathermodel.evaluation.plots import write_evaluation_plots
+from weathermodel.evaluation.regions import REGION, Regions
+from weathermodel.evaluation.spectra import ZONAL_WAVENUMBER, zonal_energy_spectrum
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("persistence", "climatology")
-DETERMINISTIC_METRICS = ("mse", "rmse", "rmse_sqrt_before_time_avg", "mae", "bias")
-ENSEMBLE_METRICS = ("crps", "ensemble_mean_rmse", "spread", "spread_skill_ratio")
-SYSTEM = "system"
-METRIC = "metric"
-#: the system name of the truth in :func:`energy_spectra`
-TRUTH_SYSTEM = "truth"
-_RENAMES = {"init_time": cv.TIME, "lead_time": mt.LEAD, "realization": cv.MEMBER,
-            "lat": cv.LATITUDE, "lon": cv.LONGITUDE}
+DETERMINISTIC_METRICS = tuple(DETERMINISTIC_SCORES)
+ENSEMBLE_METRICS = tuple(ENSEMBLE_SCORES)
+_RENAMES = {"init_time": conventions.TIME, "lead_time": LEAD, "realization": conventions.MEMBER,
+            "lat": conventions.LATITUDE, "lon": conventions.LONGITUDE}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +104,10 @@ def open_forecast(path: str | Path) -> xr.Dataset:
     made ascending; a size-1 ``number`` dimension squeezed out. netCDF files are chunked one
     (init time, member, lead) per chunk, zarr stores keep their own chunks.
     """
-    forecast = _open_any(path, chunk_dims=(cv.TIME, cv.MEMBER, mt.LEAD, "init_time", "lead_time",
-                                           "realization"))
+    forecast = _open_any(path, chunk_dims=(conventions.TIME, conventions.MEMBER, LEAD,
+                                           "init_time", "lead_time", "realization"))
     forecast = forecast.rename({k: v for k, v in _RENAMES.items() if k in forecast.dims})
-    for dim in (cv.TIME, mt.LEAD, cv.LATITUDE, cv.LONGITUDE):
+    for dim in (conventions.TIME, LEAD, conventions.LATITUDE, conventions.LONGITUDE):
         if dim not in forecast.dims:
             raise DataError(f"the forecast has no '{dim}' dimension (dims "
                             f"{tuple(forecast.dims)})", "give a forecast store in the "
@@ -108,33 +118,35 @@ def open_forecast(path: str | Path) -> xr.Dataset:
         raise DataError("the forecast store is incomplete (the forecast was interrupted)",
                         "run the same 'weathermodel forecast' command again to finish it",
                         path=str(path))
-    if cv.MEMBER in forecast.dims and forecast.sizes[cv.MEMBER] == 1:
-        forecast = forecast.squeeze(cv.MEMBER, drop=True)
+    if conventions.MEMBER in forecast.dims and forecast.sizes[conventions.MEMBER] == 1:
+        forecast = forecast.squeeze(conventions.MEMBER, drop=True)
     forecast = forecast.drop_vars([v for v in forecast.data_vars
-                                   if not set(mt.SPACE) <= set(forecast[v].dims)])
-    return mt.latitude_ascending(forecast)
+                                   if not set(SPACE) <= set(forecast[v].dims)])
+    return latitude_ascending(forecast)
 
 
 def _truth_from_store(path: str, metadata: dict) -> xr.Dataset:
     from weathermodel.data.store import open_store
 
     state = open_store(path)["state"]
-    if state.sizes[cv.MEMBER] > 1:
-        log.info("%s: truth has %d members; member 0 is used", path, state.sizes[cv.MEMBER])
-    state = state.isel({cv.MEMBER: 0}, drop=True)
+    if state.sizes[conventions.MEMBER] > 1:
+        log.info("%s: truth has %d members; member 0 is used", path,
+                 state.sizes[conventions.MEMBER])
+    state = state.isel({conventions.MEMBER: 0}, drop=True)
     variables = np.array([str(v) for v in state["channel_variable"].values])
     levels = state["channel_level"].values.astype(np.float64)
     units = {v["name"]: v.get("units", "") for v in metadata.get("variables", [])}
-    plain = state.drop_vars([c for c in state.coords if cv.CHANNEL in state[c].dims])
+    plain = state.drop_vars([c for c in state.coords if conventions.CHANNEL in state[c].dims])
     arrays = {}
     for name in dict.fromkeys(variables):
         channels = np.flatnonzero(variables == name)
         if np.isnan(levels[channels]).all():
-            array = plain.isel({cv.CHANNEL: channels[0]})
+            array = plain.isel({conventions.CHANNEL: channels[0]})
         else:
             channels = channels[np.argsort(levels[channels])]
-            array = plain.isel({cv.CHANNEL: channels}).rename({cv.CHANNEL: cv.LEVEL})
-            array = array.assign_coords({cv.LEVEL: levels[channels]})
+            array = plain.isel({conventions.CHANNEL: channels}).rename(
+                {conventions.CHANNEL: conventions.LEVEL})
+            array = array.assign_coords({conventions.LEVEL: levels[channels]})
         arrays[name] = array.assign_attrs(units=units.get(name, ""))
     return xr.Dataset(arrays)
 
@@ -147,10 +159,10 @@ def _truth_from_source(path: str) -> xr.Dataset:
     source = to_canonical(open_path(path), SourceSpec(path=path), path)
     arrays = {}
     for name, array in source.variables.items():
-        info = cv.VARIABLES[name]
+        info = conventions.VARIABLES[name]
         if info.kind == "static":
             continue
-        arrays[name] = array.isel({cv.MEMBER: 0}, drop=True).assign_attrs(units=info.units)
+        arrays[name] = array.isel({conventions.MEMBER: 0}, drop=True).assign_attrs(units=info.units)
     if not arrays:
         raise DataError("no time-dependent canonical variable found",
                         "give a training store or a dataset in canonical names", path=path)
@@ -177,18 +189,19 @@ def truth_dataset(path: str | Path) -> xr.Dataset:
                         path=path)
     metadata = read_metadata(path) if Path(path).is_dir() else None
     truth = _truth_from_store(path, metadata) if metadata else _truth_from_source(path)
-    order = [d for d in (cv.TIME, cv.LEVEL, cv.LATITUDE, cv.LONGITUDE) if d in truth.dims]
-    return mt.latitude_ascending(truth.transpose(*order))
+    order = [d for d in (conventions.TIME, conventions.LEVEL, conventions.LATITUDE,
+                         conventions.LONGITUDE) if d in truth.dims]
+    return latitude_ascending(truth.transpose(*order))
 
 
 def open_climatology(path: str | Path) -> xr.Dataset:
     """A climatology (dayofyear, [hour], [level], latitude, longitude), lazily, lat ascending."""
-    climatology = _open_any(path, chunk_dims=(mt.DAYOFYEAR,))
-    if mt.DAYOFYEAR not in climatology.dims:
+    climatology = _open_any(path, chunk_dims=(DAYOFYEAR,))
+    if DAYOFYEAR not in climatology.dims:
         raise DataError(f"not a climatology: no 'dayofyear' dimension (dims "
                         f"{tuple(climatology.dims)})", "make one with 'weathermodel "
                         "climatology'", path=str(path))
-    return mt.latitude_ascending(climatology)
+    return latitude_ascending(climatology)
 
 
 def _remove(path: Path) -> None:
@@ -268,18 +281,18 @@ def _fewer_chunks(data: xr.Dataset, target_bytes: float = 32e6) -> xr.Dataset:
     """Merge the (init, lead) chunks of a forecast-store layout into chunks of all leads and
     as many init times as fit in ``target_bytes``: forecast stores hold one small chunk per
     (init, lead), and the scheduling cost of tiny chunks, not the arithmetic, would dominate."""
-    if not data.chunks or cv.TIME not in data.dims:
+    if not data.chunks or conventions.TIME not in data.dims:
         return data
-    per_init = sum(var.dtype.itemsize * var.size / var.sizes[cv.TIME]
-                   for var in data.data_vars.values() if cv.TIME in var.dims)
-    inits = int(max(1, min(data.sizes[cv.TIME], target_bytes // max(per_init, 1))))
-    chunks = {cv.TIME: inits, **{dim: -1 for dim in data.dims if dim != cv.TIME}}
+    per_init = sum(var.dtype.itemsize * var.size / var.sizes[conventions.TIME]
+                   for var in data.data_vars.values() if conventions.TIME in var.dims)
+    inits = int(max(1, min(data.sizes[conventions.TIME], target_bytes // max(per_init, 1))))
+    chunks = {conventions.TIME: inits, **{dim: -1 for dim in data.dims if dim != conventions.TIME}}
     return data.chunk(chunks)
 
 
 def score_system(forecast: xr.Dataset, truth: xr.Dataset,
-                 climatology: xr.Dataset | None = None, *, regions: mt.Regions = None,
-                 weighting: str = mt.DEFAULT_WEIGHTING, skipna: bool = False) -> xr.Dataset:
+                 climatology: xr.Dataset | None = None, *, regions: Regions = None,
+                 weighting: str = DEFAULT_WEIGHTING, skipna: bool = False) -> xr.Dataset:
     """Every applicable score of one forecast (lazy), stacked along ``metric``.
 
     Parameters
@@ -287,40 +300,47 @@ def score_system(forecast: xr.Dataset, truth: xr.Dataset,
     forecast : (time, [number], prediction_timedelta, [level], latitude, longitude).
     truth : (time, [level], latitude, longitude), not yet aligned.
     climatology : for ``acc``; None to skip it.
-    regions, weighting, skipna : see :func:`weathermodel.evaluation.metrics.rmse`.
+    regions, weighting, skipna : see :func:`weathermodel.evaluation.deterministic.rmse`.
 
     Returns
     -------
     Dataset (metric, [region,] prediction_timedelta, [level]) with coordinate ``n_pairs``.
+    An ensemble (a ``number`` dimension) also gets the metrics of
+    :data:`ENSEMBLE_METRICS` and its rank histogram as the metrics ``rank_histogram_00`` ..
+    ``rank_histogram_<M>`` (see :mod:`weathermodel.evaluation.layout`); its deterministic
+    scores are those of the ensemble mean.
     """
-    aligned = mt.align(forecast, truth)
+    aligned = align(forecast, truth)
     options = {"regions": regions, "weighting": weighting, "skipna": skipna}
     prediction, verifying = _fewer_chunks(aligned.forecast), _fewer_chunks(aligned.truth)
     results: dict[str, xr.Dataset] = {}
-    if cv.MEMBER in prediction.dims:
-        for name in ENSEMBLE_METRICS:
-            results[name] = getattr(mt, name)(prediction, verifying, **options)
-        prediction = prediction.mean(cv.MEMBER)
-    for name in DETERMINISTIC_METRICS:
-        results[name] = getattr(mt, name)(prediction, verifying, **options)
+    if conventions.MEMBER in prediction.dims:
+        for name, score in ENSEMBLE_SCORES.items():
+            results[name] = score(prediction, verifying, **options)
+        histogram = rank_histogram(prediction, verifying, **options)
+        for rank in histogram[RANK].values:
+            results[rank_histogram_metric(int(rank))] = histogram.sel({RANK: rank}, drop=True)
+        prediction = prediction.mean(conventions.MEMBER)
+    for name, score in DETERMINISTIC_SCORES.items():
+        results[name] = score(prediction, verifying, **options)
     if climatology is not None:
-        at_valid_times = _fewer_chunks(mt.climatology_for(climatology, verifying))
-        results["acc"] = mt.acc(prediction, verifying, at_valid_times, **options)
+        at_valid_times = _fewer_chunks(climatology_for(climatology, verifying))
+        results["acc"] = acc(prediction, verifying, at_valid_times, **options)
     return _stack(results, METRIC)
 
 
 def _baseline(name: str, truth: xr.Dataset, climatology: xr.Dataset | None,
               reference: xr.Dataset) -> xr.Dataset | None:
-    init_times, leads = reference[cv.TIME].values, reference[mt.LEAD].values
+    init_times, leads = reference[conventions.TIME].values, reference[LEAD].values
     variables = [v for v in reference.data_vars if v in truth.data_vars]
     if name == "persistence":
-        return bl.persistence_forecast(truth[variables], init_times, leads)
+        return persistence_forecast(truth[variables], init_times, leads)
     if name == "climatology":
         if climatology is None:
             log.warning("baseline 'climatology' skipped: no climatology given "
                         "(make one with 'weathermodel climatology')")
             return None
-        return bl.climatology_forecast(climatology, init_times, leads)
+        return climatology_forecast(climatology, init_times, leads)
     raise ConfigError(f"unknown baseline {name!r}", f"use some of {BASELINES}")
 
 
@@ -340,18 +360,18 @@ def _select(truth: xr.Dataset, forecasts: dict[str, xr.Dataset],
 
 
 def _init_range(forecast: xr.Dataset, start: str | None, end: str | None) -> xr.Dataset:
-    selected = forecast.sel({cv.TIME: slice(start, end)})
-    if selected.sizes[cv.TIME] == 0:
+    selected = forecast.sel({conventions.TIME: slice(start, end)})
+    if selected.sizes[conventions.TIME] == 0:
         raise DataError(f"no initialisation time within {start}..{end}", "widen the period")
     return selected
 
 
 def _n_pairs_per_system(scores: xr.Dataset) -> xr.Dataset:
     """``n_pairs`` with a ``system`` dim (concat keeps a coordinate equal for all as it is)."""
-    if SYSTEM in scores[mt.N_PAIRS].dims:
+    if SYSTEM in scores[N_PAIRS].dims:
         return scores
-    per_system = scores[mt.N_PAIRS].expand_dims({SYSTEM: scores[SYSTEM].values})
-    return scores.assign_coords({mt.N_PAIRS: per_system})
+    per_system = scores[N_PAIRS].expand_dims({SYSTEM: scores[SYSTEM].values})
+    return scores.assign_coords({N_PAIRS: per_system})
 
 
 def _warn_about_unscored(scores: xr.Dataset) -> None:
@@ -359,8 +379,8 @@ def _warn_about_unscored(scores: xr.Dataset) -> None:
     the forecast, e.g. a model that diverged: its forecast store's health report says where)."""
     for name in scores.data_vars:
         rmse = scores[name].sel({METRIC: "rmse"})
-        others = [dim for dim in rmse.dims if dim not in (SYSTEM, mt.LEAD)]
-        unscored = rmse.isnull().all([mt.LEAD, *others])
+        others = [dim for dim in rmse.dims if dim not in (SYSTEM, LEAD)]
+        unscored = rmse.isnull().all([LEAD, *others])
         for system in scores[SYSTEM].values[unscored.values]:
             reason = ("the climatology does not cover these dates: build it from a period "
                       "that does" if system == "climatology" else
@@ -371,8 +391,8 @@ def _warn_about_unscored(scores: xr.Dataset) -> None:
 
 def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
              climatology_path: str | Path | None = None,
-             baselines: Sequence[str] = BASELINES, regions: mt.Regions = None,
-             out: str | Path | None = None, *, weighting: str = mt.DEFAULT_WEIGHTING,
+             baselines: Sequence[str] = BASELINES, regions: Regions = None,
+             out: str | Path | None = None, *, weighting: str = DEFAULT_WEIGHTING,
              variables: Sequence[str] | None = None, start: str | None = None,
              end: str | None = None, skipna: bool = False,
              scheduler: str | None = None) -> xr.Dataset:
@@ -386,7 +406,7 @@ def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
         baseline; None skips both (logged).
     baselines : any of ``persistence``, ``climatology``; they use the initialisation times and
         leads of the first forecast.
-    regions : None (whole grid), names of :data:`weathermodel.evaluation.metrics.REGIONS` or a
+    regions : None (whole grid), names of :data:`weathermodel.evaluation.regions.REGIONS` or a
         mapping name -> (lat_min, lat_max, lon_min, lon_max).
     out : where to write the scores (``.nc``: netCDF, else zarr); None to only return them.
     weighting : area weights: ``"auto"`` (default: WB2's ``"wb2_edges"`` on global grids,
@@ -435,7 +455,7 @@ def evaluate(forecast_paths: Mapping[str, str | Path], truth_path: str | Path,
     scores = _n_pairs_per_system(_stack(computed, SYSTEM))
     _warn_about_unscored(scores)
     scores = scores.assign_attrs(
-        weighting=mt.resolve_weighting(weighting, truth[cv.LATITUDE].values),
+        weighting=resolve_weighting(weighting, truth[conventions.LATITUDE].values),
         skipna=int(skipna), truth=str(truth_path),
         climatology=str(climatology_path or ""),
         forecasts=json.dumps({k: str(v) for k, v in forecast_paths.items()}),
@@ -462,9 +482,9 @@ def make_climatology(truth_path: str | Path, out: str | Path, *,
         truth = truth_dataset(truth_path)
         if variables:
             truth = truth[list(variables)]
-        climatology = bl.compute_climatology(truth, window_days=window_days, start=start,
+        climatology = compute_climatology(truth, window_days=window_days, start=start,
                                              end=end)
-        climatology = climatology.chunk({mt.DAYOFYEAR: "auto", mt.HOUR: "auto"})
+        climatology = climatology.chunk({DAYOFYEAR: "auto", HOUR: "auto"})
         path = save_dataset(climatology, out)
     return open_climatology(path)
 
@@ -477,13 +497,13 @@ def _select_leads(forecast: xr.Dataset, leads: Sequence[str | np.timedelta64] | 
     if leads is None:
         return forecast
     wanted = pd.to_timedelta(list(leads)).values.astype("timedelta64[ns]")
-    available = forecast[mt.LEAD].values
+    available = forecast[LEAD].values
     missing = [_lead_label(lead) for lead in wanted if lead not in available]
     if missing:
         raise DataError(f"forecast '{name}' has no lead(s) {missing} (it has "
                         f"{[_lead_label(lead) for lead in available]})",
                         "ask for leads the forecast has")
-    return forecast.sel({mt.LEAD: wanted})
+    return forecast.sel({LEAD: wanted})
 
 
 def _rows(latitude: np.ndarray, latitudes: tuple[float, float] | None) -> np.ndarray:
@@ -502,11 +522,11 @@ def _rows(latitude: np.ndarray, latitudes: tuple[float, float] | None) -> np.nda
 def _mean_spectrum(fields: xr.Dataset, valid: xr.DataArray, rows: np.ndarray) -> xr.Dataset:
     """Zonal spectra of (time, [number], prediction_timedelta, [level], latitude, longitude)
     averaged over members, the valid (init, lead) pairs and the selected latitude rows."""
-    selected = fields.isel({cv.LATITUDE: np.flatnonzero(rows)})
-    power = mt.zonal_energy_spectrum(selected, average_dims=[cv.MEMBER])
+    selected = fields.isel({conventions.LATITUDE: np.flatnonzero(rows)})
+    power = zonal_energy_spectrum(selected, average_dims=[conventions.MEMBER])
     attrs = {name: dict(power[name].attrs) for name in power.data_vars}
-    wavelength = power["wavelength"].mean(cv.LATITUDE)
-    mean = power.where(valid).mean(cv.TIME).mean(cv.LATITUDE)
+    wavelength = power["wavelength"].mean(conventions.LATITUDE)
+    mean = power.where(valid).mean(conventions.TIME).mean(conventions.LATITUDE)
     mean = mean.drop_vars([c for c in mean.coords if c not in mean.dims])
     for name in mean.data_vars:
         mean[name].attrs = attrs[name]
@@ -518,7 +538,7 @@ def energy_spectra(forecasts: Mapping[str, xr.Dataset], truth: xr.Dataset,
                    latitudes: tuple[float, float] | None = None) -> xr.Dataset:
     """Zonal energy spectra of forecasts and of the truth they verify against (WB2 style).
 
-    The spectrum of every latitude row (:func:`weathermodel.evaluation.metrics.
+    The spectrum of every latitude row (:func:`weathermodel.evaluation.spectra.
     zonal_energy_spectrum`, WB2's ``ZonalEnergySpectrum``: S[k] = 2 D |F[k]|^2 for k > 0,
     D the length of the row in m) is averaged over ensemble members, over the (init, lead)
     pairs whose valid time is in the truth, and then (unweighted) over the latitude rows, as
@@ -548,9 +568,9 @@ def energy_spectra(forecasts: Mapping[str, xr.Dataset], truth: xr.Dataset,
     spectra: dict[str, xr.Dataset] = {}
     reference_truth: xr.Dataset | None = None
     for name, forecast in forecasts.items():
-        aligned = mt.align(_select_leads(forecast, leads, name), truth)
-        valid = aligned.truth[mt.VALID_PAIR]
-        rows = _rows(aligned.truth[cv.LATITUDE].values, latitudes)
+        aligned = align(_select_leads(forecast, leads, name), truth)
+        valid = aligned.truth[VALID_PAIR]
+        rows = _rows(aligned.truth[conventions.LATITUDE].values, latitudes)
         spectra[name] = _mean_spectrum(aligned.forecast, valid, rows)
         if reference_truth is None:
             reference_truth = _mean_spectrum(aligned.truth, valid, rows)
@@ -559,7 +579,7 @@ def energy_spectra(forecasts: Mapping[str, xr.Dataset], truth: xr.Dataset,
     stacked = _stack(computed, SYSTEM)
     for name in stacked.data_vars:
         stacked[name].attrs = dict(computed[TRUTH_SYSTEM][name].attrs)
-    order = [d for d in (SYSTEM, mt.LEAD, cv.LEVEL, mt.ZONAL_WAVENUMBER) if d in stacked.dims]
+    order = [d for d in (SYSTEM, LEAD, conventions.LEVEL, ZONAL_WAVENUMBER) if d in stacked.dims]
     return stacked.transpose(*order)
 
 
@@ -583,7 +603,6 @@ def plot_evaluation(scores: xr.Dataset, forecast_paths: Mapping[str, str | Path]
     The PNG files written.
     """
     from weathermodel.data.prepare import dask_context
-    from weathermodel.evaluation.plots import write_evaluation_plots
 
     with dask_context(scheduler):
         truth = truth_dataset(truth_path)
@@ -611,34 +630,59 @@ def _block(scores: xr.Dataset, name: str, metrics: list[str], title: str) -> lis
     widths = [max(10, len(f"{m}:{s}") + 2) for m, s in columns]
     header = "".join(f"{m}:{s}".rjust(w) for (m, s), w in zip(columns, widths))
     lines = [title, "lead".ljust(8) + header]
-    for lead in scores[mt.LEAD].values:
+    for lead in scores[LEAD].values:
         cells = []
         for (metric, system), width in zip(columns, widths):
-            value = float(scores[name].sel({METRIC: metric, SYSTEM: system, mt.LEAD: lead}))
+            value = float(scores[name].sel({METRIC: metric, SYSTEM: system, LEAD: lead}))
             cells.append(("-" if np.isnan(value) else f"{value:.4g}").rjust(width))
         lines.append(_lead_label(lead).ljust(8) + "".join(cells))
+    return lines
+
+
+def _rank_histogram_blocks(histogram: xr.DataArray, label: str) -> list[str]:
+    """Per system with a rank histogram: one row per lead, one column per rank (the
+    frequency of the truth's rank among the M members, bins 0..M)."""
+    lines: list[str] = []
+    for system in histogram[SYSTEM].values:
+        values = histogram.sel({SYSTEM: system}).transpose(LEAD, RANK)
+        held = values.notnull().any(LEAD).values
+        if not held.any():
+            continue
+        values = values.isel({RANK: np.flatnonzero(held)})
+        header = "".join(f"r{int(rank)}".rjust(7) for rank in values[RANK].values)
+        lines += [f"{label} rank histogram of {system} (frequency of each rank)",
+                  "lead".ljust(8) + header]
+        for lead, row in zip(values[LEAD].values, values.values):
+            cells = "".join(("-" if np.isnan(v) else f"{v:.3f}").rjust(7) for v in row)
+            lines.append(_lead_label(lead).ljust(8) + cells)
+        lines.append("")
     return lines
 
 
 def score_table(scores: xr.Dataset, metrics: Sequence[str] = ("rmse", "acc")) -> str:
     """A plain-text table: per variable, level and region, one row per lead and one column
     per (metric, system); ``-`` where a score is missing (e.g. ACC without climatology).
-    Levels or regions where every value is missing are left out."""
+    Levels or regions where every value is missing are left out. With ``"rank_histogram"``
+    among ``metrics``, each ensemble's rank histogram follows (one row per lead, one column
+    per rank)."""
     shown = [m for m in metrics if m in scores[METRIC].values]
+    histograms = rank_histograms(scores) if RANK_HISTOGRAM in metrics else None
     lines: list[str] = []
     for name in scores.data_vars:
-        array = scores[name].sel({METRIC: shown})
         units = scores[name].attrs.get("units", "")
-        levels = array[cv.LEVEL].values if cv.LEVEL in array.dims else [None]
-        regions = array[mt.REGION].values if mt.REGION in array.dims else [None]
+        levels = scores[conventions.LEVEL].values if conventions.LEVEL in scores[name].dims \
+            else [None]
+        regions = scores[REGION].values if REGION in scores[name].dims else [None]
         for level in levels:
             for region in regions:
-                point = {k: v for k, v in ((cv.LEVEL, level), (mt.REGION, region))
+                point = {k: v for k, v in ((conventions.LEVEL, level), (REGION, region))
                          if v is not None}
+                label = f"{name}" + (f" {level:g} hPa" if level is not None else "")
+                where = f" ({region})" if region else ""
                 block = scores.sel(point)[[name]].sel({METRIC: shown})
-                if bool(block[name].isnull().all()):
-                    continue
-                title = f"{name}" + (f" {level:g} hPa" if level is not None else "") + (
-                    f" [{units}]" if units else "") + (f" ({region})" if region else "")
-                lines += _block(block, name, shown, title) + [""]
+                if not bool(block[name].isnull().all()):
+                    title = label + (f" [{units}]" if units else "") + where
+                    lines += _block(block, name, shown, title) + [""]
+                if histograms is not None:
+                    lines += _rank_histogram_blocks(histograms[name].sel(point), label + where)
     return "\n".join(lines).rstrip() + "\n"

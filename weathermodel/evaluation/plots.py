@@ -1,5 +1,6 @@
-"""Figures of an evaluation: lead-time curves, WeatherBench 2 style scorecards, zonal energy
-spectra and maps of forecast, truth and error.
+"""Figures of an evaluation: lead-time curves, WeatherBench 2 style scorecards, spread-skill
+curves and rank histograms of ensembles, zonal energy spectra and maps of forecast, truth and
+error.
 
 Every function builds a :class:`matplotlib.figure.Figure` on the Agg canvas (no ``pyplot``,
 so nothing is left in a global figure registry and no display is needed), returns it, and
@@ -35,10 +36,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.errors import ConfigError, DataError, WeatherModelError
-from weathermodel.evaluation import metrics as mt
-from weathermodel.evaluation.evaluate import METRIC, SYSTEM, TRUTH_SYSTEM
+from weathermodel.evaluation.alignment import LEAD, VALID_PAIR, align
+from weathermodel.evaluation.averaging import score_units
+from weathermodel.evaluation.layout import METRIC, RANK, SYSTEM, TRUTH_SYSTEM, rank_histograms
+from weathermodel.evaluation.regions import REGION
+from weathermodel.evaluation.spectra import ZONAL_WAVENUMBER
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -157,7 +161,7 @@ def _select_metric(scores: xr.Dataset, metric: str,
                    region: str | None) -> tuple[xr.Dataset, str | None]:
     """The scores of one metric and region (default: the first region), region's name."""
     _check_choice(metric, [str(m) for m in scores[METRIC].values], "metric")
-    return _one_along(scores.sel({METRIC: metric}), mt.REGION, region, str,
+    return _one_along(scores.sel({METRIC: metric}), REGION, region, str,
                       "leave region unset, or score with regions")
 
 
@@ -167,6 +171,15 @@ class _Panel(NamedTuple):
     label: str
     values: xr.DataArray
     units: str
+    variable: str
+    level: float | None
+
+    def of(self, selected: xr.Dataset) -> xr.DataArray:
+        """The same variable and level in other scores (system, lead)."""
+        array = selected[self.variable]
+        if self.level is not None:
+            array = array.sel({conventions.LEVEL: self.level})
+        return array.transpose(SYSTEM, LEAD)
 
 
 def _panels(selected: xr.Dataset, variables: Sequence[str] | None) -> list[_Panel]:
@@ -178,12 +191,13 @@ def _panels(selected: xr.Dataset, variables: Sequence[str] | None) -> list[_Pane
     for name in names:
         array = selected[name]
         units = str(array.attrs.get("units", ""))
-        levels = array[cv.LEVEL].values if cv.LEVEL in array.dims else [None]
+        levels = array[conventions.LEVEL].values if conventions.LEVEL in array.dims else [None]
         for level in levels:
-            values = array if level is None else array.sel({cv.LEVEL: level})
+            values = array if level is None else array.sel({conventions.LEVEL: level})
             if bool(values.notnull().any()):
-                label = _level_label(name, None if level is None else float(level))
-                panels.append(_Panel(label, values.transpose(SYSTEM, mt.LEAD), units))
+                level = None if level is None else float(level)
+                panels.append(_Panel(_level_label(name, level), values.transpose(SYSTEM, LEAD),
+                                     units, name, level))
     if not panels:
         raise DataError("every selected score is missing (NaN)", "choose another metric, "
                         "variable or region")
@@ -208,9 +222,14 @@ def _lead_panel(axes: Axes, panel: _Panel, metric: str, hours: np.ndarray) -> No
         values = panel.values.sel({SYSTEM: system}).values
         if np.isfinite(values).any():
             axes.plot(hours, values, marker=MARKERS[index % len(MARKERS)], label=str(system))
-    axes.set_title(panel.label)
+    _label_lead_axes(axes, panel.label, f"{metric} [{score_units(metric, panel.units)}]", hours)
+
+
+def _label_lead_axes(axes: Axes, title: str, ylabel: str, hours: np.ndarray) -> None:
+    """Title, labels, at most 10 lead ticks (hours), grid and legend of a lead-time panel."""
+    axes.set_title(title)
     axes.set_xlabel("lead time [h]")
-    axes.set_ylabel(f"{metric} [{mt.score_units(metric, panel.units)}]")
+    axes.set_ylabel(ylabel)
     axes.set_xticks(hours if hours.size <= 10 else hours[::math.ceil(hours.size / 10)])
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
@@ -238,7 +257,7 @@ def plot_lead_time(scores: xr.Dataset, metric: str = "rmse",
     panels = _panels(selected, variables)
     rows, columns = _grid(len(panels))
     figure = _new_figure(4.2 * columns, 3.2 * rows)
-    hours = _lead_hours(selected[mt.LEAD].values)
+    hours = _lead_hours(selected[LEAD].values)
     for index, panel in enumerate(panels):
         _lead_panel(figure.add_subplot(rows, columns, index + 1), panel, metric, hours)
     figure.suptitle(_title(metric, region))
@@ -283,8 +302,8 @@ def scorecard_values(scores: xr.Dataset, reference: str = "persistence", metric:
         base = panel.values.sel({SYSTEM: reference})
         relative = 100.0 * (panel.values.sel({SYSTEM: others}) - base) / base.where(base != 0)
         rows.append(relative.reset_coords(drop=True).expand_dims(row=[panel.label]))
-    values = xr.concat(rows, dim="row").transpose(SYSTEM, "row", mt.LEAD)
-    scored = values.notnull().any(("row", mt.LEAD)).values
+    values = xr.concat(rows, dim="row").transpose(SYSTEM, "row", LEAD)
+    scored = values.notnull().any(("row", LEAD)).values
     if not scored.any():
         raise DataError(f"no {metric} of any system can be compared with the reference "
                         f"{reference!r} (missing, or the reference is 0)",
@@ -315,7 +334,7 @@ def _scorecard_panel(figure: Figure, axes: Axes, card: xr.DataArray, system: str
     image = axes.imshow(matrix, cmap="RdBu" if higher_is_better else "RdBu_r", vmin=-limit,
                         vmax=limit, aspect="auto", interpolation="nearest")
     _annotate(axes, matrix, limit)
-    hours = _lead_hours(card[mt.LEAD].values)
+    hours = _lead_hours(card[LEAD].values)
     axes.set_xticks(range(hours.size), [f"{h:g}" for h in hours])
     axes.set_yticks(range(card.sizes["row"]), [str(r) for r in card["row"].values])
     axes.set_xlabel("lead time [h]")
@@ -347,7 +366,7 @@ def plot_scorecard(scores: xr.Dataset, reference: str = "persistence", metric: s
     systems = [str(s) for s in card[SYSTEM].values]
     limit = _colour_limit(card.values)
     label_width = 0.09 * max(len(str(r)) for r in card["row"].values)
-    figure = _new_figure(max(5.0, 2.2 + label_width + 0.6 * card.sizes[mt.LEAD]),
+    figure = _new_figure(max(5.0, 2.2 + label_width + 0.6 * card.sizes[LEAD]),
                          0.9 + (0.45 * card.sizes["row"] + 1.0) * len(systems))
     for index, system in enumerate(systems):
         axes = figure.add_subplot(len(systems), 1, index + 1)
@@ -360,12 +379,137 @@ def plot_scorecard(scores: xr.Dataset, reference: str = "persistence", metric: s
 
 
 # --------------------------------------------------------------------------------------------
+# ensembles: spread-skill curves and rank histograms
+# --------------------------------------------------------------------------------------------
+#: the metrics of the spread-skill curve: the skill and the spread compared with it
+SKILL_METRIC = "ensemble_mean_rmse"
+SPREAD_METRIC = "corrected_spread"
+
+
+def _spread_skill_panel(axes: Axes, skill: _Panel, spread: xr.DataArray,
+                        hours: np.ndarray) -> None:
+    colours = _require("matplotlib").rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, system in enumerate(skill.values[SYSTEM].values):
+        skill_values = skill.values.sel({SYSTEM: system}).values
+        if not np.isfinite(skill_values).any():
+            continue
+        colour, marker = colours[index % len(colours)], MARKERS[index % len(MARKERS)]
+        axes.plot(hours, skill_values, color=colour, marker=marker, label=f"{system} skill")
+        axes.plot(hours, spread.sel({SYSTEM: system}).values, color=colour, marker=marker,
+                  linestyle="--", fillstyle="none", label=f"{system} spread")
+    _label_lead_axes(axes, skill.label, f"[{skill.units}]", hours)
+
+
+def plot_spread_skill(scores: xr.Dataset, variables: Sequence[str] | None = None,
+                      region: str | None = None, out: str | Path | None = None) -> Figure:
+    """Spread-skill curves of the ensembles: skill (the RMSE of the ensemble mean, solid) and
+    spread (sqrt((M + 1) / M) times the root of the mean ensemble variance, dashed; the
+    metric ``corrected_spread``) against lead time, one panel per variable (and level), one
+    colour per ensemble system. The two curves lie on each other for a calibrated ensemble;
+    spread below skill means an under-dispersive one.
+
+    Parameters
+    ----------
+    scores : from ``evaluate`` with at least one ensemble system.
+    variables : variables to show; default all.
+    region : region to show when the scores have regions; default the first.
+    out : PNG file to write; None to only return the figure.
+
+    Raises
+    ------
+    ConfigError : the scores hold no ensemble scores (the error lists the metrics).
+    """
+    selected, region = _select_metric(scores, SKILL_METRIC, region)
+    _check_choice(SPREAD_METRIC, [str(m) for m in scores[METRIC].values], "metric")
+    spread = scores.sel({METRIC: SPREAD_METRIC})
+    if region is not None:
+        spread = spread.sel({REGION: region})
+    panels = _panels(selected, variables)
+    rows, columns = _grid(len(panels))
+    figure = _new_figure(4.2 * columns, 3.2 * rows)
+    hours = _lead_hours(selected[LEAD].values)
+    for index, panel in enumerate(panels):
+        _spread_skill_panel(figure.add_subplot(rows, columns, index + 1), panel,
+                            panel.of(spread), hours)
+    figure.suptitle(_title("spread (dashed) and skill (solid)", region))
+    return _save(figure, out)
+
+
+def _rank_histogram_panel(axes: Axes, histogram: xr.DataArray, label: str) -> None:
+    """Bars of every system's frequencies (system, rank), side by side per rank, and the
+    flat frequency 1 / (M + 1) of a calibrated ensemble of each as a dashed line."""
+    colours = _require("matplotlib").rcParams["axes.prop_cycle"].by_key()["color"]
+    systems = list(histogram[SYSTEM].values)
+    width = 0.8 / len(systems)
+    for index, system in enumerate(systems):
+        values = histogram.sel({SYSTEM: system})
+        values = values.isel({RANK: np.flatnonzero(values.notnull().values)})
+        ranks = values[RANK].values
+        colour = colours[index % len(colours)]
+        axes.bar(ranks + (index - (len(systems) - 1) / 2) * width, values.values, width=width,
+                 color=colour, label=str(system))
+        axes.axhline(1.0 / ranks.size, color=colour, linestyle="--", linewidth=1.0)
+    axes.set_xlabel("rank of the truth among the members")
+    axes.set_ylabel("frequency")
+    axes.set_title(label)
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize="small")
+
+
+def plot_rank_histogram(scores: xr.Dataset, variable: str,
+                        lead: str | np.timedelta64 | None = None, region: str | None = None,
+                        out: str | Path | None = None) -> Figure:
+    """Rank histograms of the ensembles for one variable at one lead: the area-weighted
+    frequency of the truth's rank among the M members (bins 0..M), bars per ensemble system,
+    the flat 1 / (M + 1) of a calibrated ensemble dashed; one panel per level.
+
+    Parameters
+    ----------
+    scores : from ``evaluate`` with at least one ensemble system (the metrics
+        ``rank_histogram_<k>``, see :mod:`weathermodel.evaluation.layout`).
+    variable : the variable to show.
+    lead : e.g. ``"2d"``; default the longest lead.
+    region : region to show when the scores have regions; default the first.
+    out : PNG file to write; None to only return the figure.
+
+    Raises
+    ------
+    DataError : the scores hold no rank histogram of this variable at this lead.
+    """
+    histograms = rank_histograms(scores)
+    if histograms is None:
+        raise DataError("the scores hold no rank histogram", "evaluate an ensemble forecast "
+                        "(a forecast store with a 'number' dimension)")
+    _check_choice(variable, [str(v) for v in histograms.data_vars], "variable")
+    histograms, region = _one_along(histograms, REGION, region, str,
+                                    "leave region unset, or score with regions")
+    lead = _pick_lead(histograms, lead)
+    array = histograms[variable].sel({LEAD: lead})
+    held = array.notnull().any([d for d in array.dims if d != SYSTEM]).values
+    if not held.any():
+        raise DataError(f"no rank histogram of {variable} at this lead", "choose another "
+                        "variable or lead", variable=variable)
+    array = array.isel({SYSTEM: np.flatnonzero(held)})
+    levels = array[conventions.LEVEL].values if conventions.LEVEL in array.dims else [None]
+    rows, columns = _grid(len(levels))
+    figure = _new_figure(4.6 * columns, 3.4 * rows)
+    for index, level in enumerate(levels):
+        panel = array if level is None else array.sel({conventions.LEVEL: level})
+        _rank_histogram_panel(figure.add_subplot(rows, columns, index + 1),
+                              panel.transpose(SYSTEM, RANK),
+                              _level_label(variable, None if level is None else float(level)))
+    hours = _lead_hours(np.array([lead]))[0]
+    figure.suptitle(_title(f"rank histogram, lead {hours:g} h", region))
+    return _save(figure, out)
+
+
+# --------------------------------------------------------------------------------------------
 # spectra
 # --------------------------------------------------------------------------------------------
 def _pick_lead(data: xr.Dataset | xr.DataArray, lead: str | np.timedelta64 | None
                ) -> np.timedelta64:
     """``lead`` (a timedelta or e.g. ``"2d"``) checked to be in ``data``; None: the longest."""
-    leads = data[mt.LEAD].values
+    leads = data[LEAD].values
     if lead is None:
         return leads.max()
     wanted = pd.Timedelta(lead).to_timedelta64().astype(leads.dtype)
@@ -377,7 +521,7 @@ def _pick_lead(data: xr.Dataset | xr.DataArray, lead: str | np.timedelta64 | Non
 
 
 def _spectrum_panel(axes: Axes, array: xr.DataArray, label: str) -> None:
-    positive = array[mt.ZONAL_WAVENUMBER].values > 0
+    positive = array[ZONAL_WAVENUMBER].values > 0
     wavelength_km = array["wavelength"].values[positive] / 1000.0
     for index, system in enumerate(array[SYSTEM].values):
         energy = array.sel({SYSTEM: system}).values[positive]
@@ -411,12 +555,12 @@ def plot_spectra(spectra: xr.Dataset, variable: str, lead: str | np.timedelta64 
     """
     _check_choice(variable, [str(v) for v in spectra.data_vars], "variable")
     lead = _pick_lead(spectra, lead)
-    array = spectra[variable].sel({mt.LEAD: lead})
-    levels = array[cv.LEVEL].values if cv.LEVEL in array.dims else [None]
+    array = spectra[variable].sel({LEAD: lead})
+    levels = array[conventions.LEVEL].values if conventions.LEVEL in array.dims else [None]
     rows, columns = _grid(len(levels))
     figure = _new_figure(4.8 * columns, 3.8 * rows)
     for index, level in enumerate(levels):
-        panel = array if level is None else array.sel({cv.LEVEL: level})
+        panel = array if level is None else array.sel({conventions.LEVEL: level})
         axes = figure.add_subplot(rows, columns, index + 1)
         _spectrum_panel(axes, panel, _level_label(variable, None if level is None
                                                   else float(level)))
@@ -441,17 +585,17 @@ class _MapFields(NamedTuple):
 
 
 def _member(forecast: xr.Dataset, member: int | None) -> tuple[xr.Dataset, str]:
-    if cv.MEMBER not in forecast.dims:
+    if conventions.MEMBER not in forecast.dims:
         return forecast, ""
     if member is None:
-        return forecast.mean(cv.MEMBER), ", ensemble mean"
-    _check_choice(member, [int(m) for m in forecast[cv.MEMBER].values], "member")
-    return forecast.sel({cv.MEMBER: member}), f", member {member}"
+        return forecast.mean(conventions.MEMBER), ", ensemble mean"
+    _check_choice(member, [int(m) for m in forecast[conventions.MEMBER].values], "member")
+    return forecast.sel({conventions.MEMBER: member}), f", member {member}"
 
 
 def _level(data: xr.Dataset, level: float | None) -> tuple[xr.Dataset, float | None]:
     """One level (default the first) when there is a level dimension."""
-    return _one_along(data, cv.LEVEL, level, float, "leave level unset")
+    return _one_along(data, conventions.LEVEL, level, float, "leave level unset")
 
 
 def _map_fields(forecast: xr.Dataset, truth: xr.Dataset, variable: str, init_time: Any,
@@ -459,7 +603,7 @@ def _map_fields(forecast: xr.Dataset, truth: xr.Dataset, variable: str, init_tim
     """The forecast from ``init_time`` at ``lead`` and the truth at its valid time."""
     _check_choice(variable, [str(v) for v in forecast.data_vars], "forecast variable")
     _check_choice(variable, [str(v) for v in truth.data_vars], "truth variable")
-    times = forecast[cv.TIME].values
+    times = forecast[conventions.TIME].values
     init = pd.Timestamp(init_time).to_datetime64().astype(times.dtype)
     if init not in times:
         raise ConfigError(f"initialisation time {pd.Timestamp(init)} is not in the forecast "
@@ -467,13 +611,13 @@ def _map_fields(forecast: xr.Dataset, truth: xr.Dataset, variable: str, init_tim
                           f"{pd.Timestamp(times.max())})", "choose one of its init times")
     lead = _pick_lead(forecast, lead)
     chosen, member_label = _member(forecast[[variable]].sel(
-        {cv.TIME: [init], mt.LEAD: [lead]}), member)
-    aligned = mt.align(chosen, truth[[variable]])
-    if not bool(aligned.truth[mt.VALID_PAIR].all()):
+        {conventions.TIME: [init], LEAD: [lead]}), member)
+    aligned = align(chosen, truth[[variable]])
+    if not bool(aligned.truth[VALID_PAIR].all()):
         raise DataError(f"the truth has no field at the valid time {pd.Timestamp(init + lead)}",
                         "choose an initialisation time and lead whose valid time the truth "
                         "covers", variable=variable)
-    pair = {cv.TIME: 0, mt.LEAD: 0}
+    pair = {conventions.TIME: 0, LEAD: 0}
     prediction, level = _level(aligned.forecast.isel(pair), level)
     verifying, _ = _level(aligned.truth.isel(pair), level)
     units = str(truth[variable].attrs.get("units", "") or
@@ -481,7 +625,8 @@ def _map_fields(forecast: xr.Dataset, truth: xr.Dataset, variable: str, init_tim
     return _MapFields(
         forecast=np.asarray(prediction[variable].values, dtype=np.float64),
         truth=np.asarray(verifying[variable].values, dtype=np.float64),
-        latitude=aligned.truth[cv.LATITUDE].values, longitude=aligned.truth[cv.LONGITUDE].values,
+        latitude=aligned.truth[conventions.LATITUDE].values,
+        longitude=aligned.truth[conventions.LONGITUDE].values,
         units=units, init=pd.Timestamp(init), lead=pd.Timedelta(lead),
         label=_level_label(variable, level) + member_label)
 
@@ -601,7 +746,7 @@ def _has_metric(scores: xr.Dataset, metric: str) -> bool:
 
 
 def _score_plots(scores: xr.Dataset, out_dir: Path, reference: str) -> list[Path]:
-    regions = [str(r) for r in scores[mt.REGION].values] if mt.REGION in scores.dims else [None]
+    regions = [str(r) for r in scores[REGION].values] if REGION in scores.dims else [None]
     systems = [str(s) for s in scores[SYSTEM].values]
     if reference not in systems:
         log.warning("no scorecard: the reference %r is not among the systems %s", reference,
@@ -624,9 +769,43 @@ def _score_plots(scores: xr.Dataset, out_dir: Path, reference: str) -> list[Path
     return paths
 
 
+#: rank histograms are drawn at this many leads at most, evenly spread, the longest included
+RANK_HISTOGRAM_LEADS = 4
+
+
+def _spread_leads(leads: np.ndarray, most: int = RANK_HISTOGRAM_LEADS) -> np.ndarray:
+    """Up to ``most`` leads evenly spread over ``leads``, the first and the last included."""
+    return leads[np.unique(np.linspace(0, leads.size - 1, min(most, leads.size)).round()
+                           .astype(int))]
+
+
+def _ensemble_plots(scores: xr.Dataset, out_dir: Path) -> list[Path]:
+    """Spread-skill curves and rank histograms of the ensemble systems, per region."""
+    histograms = rank_histograms(scores)
+    regions = [str(r) for r in scores[REGION].values] if REGION in scores.dims else [None]
+    paths = []
+    for region in regions:
+        suffix = f"_{region}" if region else ""
+        if _has_metric(scores, SKILL_METRIC) and _has_metric(scores, SPREAD_METRIC):
+            path = out_dir / f"spread_skill{suffix}.png"
+            plot_spread_skill(scores, region=region, out=path)
+            paths.append(path)
+        if histograms is None:
+            continue
+        for variable in [str(v) for v in histograms.data_vars]:
+            if not bool(histograms[variable].notnull().any()):
+                continue
+            for lead in _spread_leads(histograms[LEAD].values):
+                hours = _lead_hours(np.array([lead]))[0]
+                path = out_dir / f"rank_histogram_{variable}_{hours:g}h{suffix}.png"
+                plot_rank_histogram(scores, variable, lead, region=region, out=path)
+                paths.append(path)
+    return paths
+
+
 def _map_plots(forecast: xr.Dataset, truth: xr.Dataset, out_dir: Path) -> list[Path]:
     """One map per variable common to both: first init time, longest lead."""
-    init, lead = forecast[cv.TIME].values[0], forecast[mt.LEAD].values.max()
+    init, lead = forecast[conventions.TIME].values[0], forecast[LEAD].values.max()
     paths = []
     for variable in [str(v) for v in forecast.data_vars if v in truth.data_vars]:
         path = out_dir / f"map_{variable}.png"
@@ -644,7 +823,11 @@ def write_evaluation_plots(scores: xr.Dataset, out_dir: str | Path,
     * ``lead_time_rmse.png`` and ``lead_time_acc.png`` (when ACC was scored),
     * ``scorecard_rmse.png`` and ``scorecard_acc.png`` against ``reference`` (skipped, with a
       warning, when the reference is not among the systems),
-      each with the suffix ``_<region>`` per region when the scores have regions,
+    * for ensembles: ``spread_skill.png`` (:func:`plot_spread_skill`) and
+      ``rank_histogram_<variable>_<hours>h.png`` (:func:`plot_rank_histogram`) at up to
+      :data:`RANK_HISTOGRAM_LEADS` leads evenly spread, the longest included,
+
+      each of these with the suffix ``_<region>`` per region when the scores have regions,
     * ``spectra_<variable>.png`` at the longest lead, when ``spectra`` is given,
     * ``map_<variable>.png`` for the first init time and the longest lead, when ``forecast``
       and ``truth`` are given.
@@ -655,7 +838,7 @@ def write_evaluation_plots(scores: xr.Dataset, out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = _score_plots(scores, out_dir, reference)
+    paths = _score_plots(scores, out_dir, reference) + _ensemble_plots(scores, out_dir)
     if spectra is not None:
         for variable in [str(v) for v in spectra.data_vars]:
             path = out_dir / f"spectra_{variable}.png"
