@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from weathermodel.configuration import from_dict
 from weathermodel.data.config import DataConfig, DateRange, PrepareConfig
+from weathermodel.data.chunkread import TimeSliceReader
 from weathermodel.data.datamodule import WeatherDataModule
 from weathermodel.data.dataset import WindowDataset
 from weathermodel.data.prepare import prepare
@@ -174,3 +176,95 @@ def test_missing_values_come_back_as_nan(ncep_file: Path, tmp_path: Path) -> Non
         assert np.isnan(values[0, 0, -5:, :5]).all()  # latitude flipped: corner at the top
     np.testing.assert_array_equal(sample["inputs"].numpy()[0, 0],
                                   summary["state"].values[0, 0, 0])
+
+
+class CountingReader(TimeSliceReader):
+    """A real reader of the store that counts the time steps it reads."""
+
+    def __init__(self, store: str | Path, name: str) -> None:
+        super().__init__(store, name)
+        self.states_read = 0
+
+    def read_times(self, times, *index: int) -> np.ndarray:
+        self.states_read += len(times)
+        return super().read_times(times, *index)
+
+
+class CountingWindowDataset(WindowDataset):
+    def _open(self):
+        if self._readers is None:
+            self._readers = (CountingReader(self.store, "state"),
+                             CountingReader(self.store, "forcings"))
+        return self._readers
+
+
+@pytest.mark.parametrize("time_step", [None, "12h"])
+def test_dataset_reads_only_the_states_of_the_rollout_asked_for(store: Path,
+                                                                time_step: str | None) -> None:
+    """``dataset[(index, steps)]``: history + steps states and forcings come from the store,
+    not history + the dataset's (longest) rollout; they equal the first ones of the full
+    window. Also at a model step of two store steps (states read one by one)."""
+    from weathermodel.data.dataset import training_summary
+
+    summary = training_summary(DataConfig(store=str(store), time_step=time_step))
+    dataset = CountingWindowDataset(store, history=2, rollout=4, summary=summary)
+    state_reader, forcing_reader = dataset._open()
+    read = {}
+    for steps in (1, 2, 4):
+        before = state_reader.states_read, forcing_reader.states_read
+        read[steps] = dataset[(7, steps)]
+        assert (state_reader.states_read - before[0],
+                forcing_reader.states_read - before[1]) == (2 + steps, 2 + steps)
+        assert read[steps]["targets"].shape[0] == steps
+        assert read[steps]["forcings"].shape[0] == 2 + steps
+    before = state_reader.states_read
+    full = dataset[7]  # a plain index: the whole window
+    assert state_reader.states_read - before == 6
+    for steps, sample in read.items():
+        np.testing.assert_array_equal(sample["inputs"].numpy(), full["inputs"].numpy())
+        np.testing.assert_array_equal(sample["targets"].numpy(),
+                                      full["targets"][:steps].numpy())
+        np.testing.assert_array_equal(sample["forcings"].numpy(),
+                                      full["forcings"][:2 + steps].numpy())
+        assert int(sample["time_index"]) == int(full["time_index"])
+    for bad in (0, 5):
+        with pytest.raises(IndexError):
+            dataset[(7, bad)]
+
+
+def test_sampler_tags_each_batch_with_the_rollout_of_its_step(store: Path) -> None:
+    """The training loader's batches hold the rollout of the step they are for, across an
+    epoch boundary and from a position part-way through an epoch; workers give the same
+    batches, bit for bit, as the main process."""
+    from weathermodel.data.datamodule import WeatherDataModule
+
+    def rollout_of_batch(batch: int) -> int:
+        return 1 if batch < 20 else 3
+
+    def batches(workers: int, epoch: int = 0, batch_in_epoch: int = 0, count: int = 30):
+        config = DataConfig(store=str(store), history=2, rollout=3, batch_size=5,
+                            num_workers=workers, train=DateRange("2013-01-01", "2013-01-31T18"))
+        module = WeatherDataModule(config, seed=1, rollout_of_batch=rollout_of_batch)
+        loader, out = module.train_dataloader(), []
+        while len(out) < count:
+            module.seek(epoch, batch_in_epoch)
+            for batch in loader:
+                out.append(batch)
+                if len(out) == count:
+                    break
+            epoch, batch_in_epoch = epoch + 1, 0
+        return module, out
+
+    module, plain = batches(0)
+    per_epoch = module.train_sampler.batches_per_epoch
+    assert per_epoch == (31 * 4 - 4) // 5 == 24  # the 30 batches span two epochs
+    assert [b["targets"].shape[1] for b in plain] == [1] * 20 + [3] * 10
+    assert [b["forcings"].shape[1] for b in plain] == [3] * 20 + [5] * 10
+    _, workers = batches(2)
+    _, resumed = batches(2, epoch=0, batch_in_epoch=17, count=13)
+    for ours, theirs in ((plain, workers), (plain[17:], resumed)):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert set(a) == set(b)
+            for key in a:
+                assert torch.equal(a[key], b[key]), key

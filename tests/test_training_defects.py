@@ -1,6 +1,9 @@
 """Training loop defects (issue 13, item 6): exact resume with a moving average of the weights,
 the moving average on the device of the weights, bf16 autocast actually applied, and
-validation that scores the whole period, once per window, like ``evaluate``."""
+validation that scores the whole period, once per window, like ``evaluate``. Then the loop's
+speed (issue 14, item 2): batches of the current rollout only, loader workers with exact
+resume, weight decay on weight matrices only, ``compile``, pinned memory and no device wait
+per step (CUDA only)."""
 from __future__ import annotations
 
 import csv
@@ -19,7 +22,7 @@ from weathermodel.configuration import from_dict
 from weathermodel.data.config import DataConfig, PrepareConfig
 from weathermodel.data.dataset import WindowDataset, training_summary
 from weathermodel.data.prepare import prepare
-from weathermodel.evaluation.metrics import latitude_weights
+from weathermodel.data.weights import latitude_weights
 from weathermodel.models.io import load_model, read_payload
 from weathermodel.training.checkpoint import list_checkpoints
 from weathermodel.training.config import TrainConfig
@@ -279,3 +282,187 @@ def test_validation_scores_windows_spread_over_the_whole_period(store: Path,
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. speed of the loop (issue 14, item 2)
+# ---------------------------------------------------------------------------------------------
+def test_batches_hold_the_states_of_the_current_rollout_only(store: Path, tmp_path: Path) -> None:
+    """Rollout 1 until step 2, then 2 (``data.rollout`` 2), with 2 micro-batches per step:
+    the batches of steps 0-1 hold 1 target state, later ones 2."""
+    run = trainer(tiny_config(store, tmp_path / "r", **{"optim.accumulate": 2}))
+    batches = run._batches()
+    shapes = [tuple(batch[key].shape[1] for key in ("inputs", "targets", "forcings"))
+              for batch in (next(batches) for _ in range(8))]
+    assert shapes == [(2, 1, 3)] * 4 + [(2, 2, 4)] * 4
+
+
+def test_resume_with_loader_workers_is_bit_identical(store: Path, tmp_path: Path) -> None:
+    """Interrupted with 0 workers after step 5 (checkpoint at 4, rollout 2 from step 3),
+    resumed with 2 workers: weights and optimizer state equal, bit for bit, an uninterrupted
+    run with 2 workers (the loader options may change between launches; the rest may not)."""
+    def config(name: str, workers: int) -> dict:
+        return tiny_config(store, tmp_path / name, **{
+            "optim.max_steps": 7, "checkpoint_every": 4, "data.validation": None,
+            "data.num_workers": workers,
+            "rollout_schedule": [{"from_step": 0, "rollout": 1}, {"from_step": 3, "rollout": 2}]})
+
+    reference = trainer(config("a", 2))
+    reference.fit()
+    trainer(config("b", 0)).fit(stop_after=5)
+    resumed = trainer(config("b", 2), resume=True)
+    assert resumed.step == 4
+    resumed.fit()
+    assert_identical(reference.model.state_dict(), resumed.model.state_dict(), "weights")
+    assert_identical(reference.optimizer.state_dict(), resumed.optimizer.state_dict(),
+                     "optimizer")
+    with pytest.raises(Exception, match="different 'data' configuration"):
+        trainer(tiny_config(store, tmp_path / "b", **{"data.batch_size": 1}), resume=True)
+
+
+def test_weight_decay_spares_biases_norms_and_embeddings(store: Path, tmp_path: Path) -> None:
+    """Two AdamW groups: weight matrices decayed, every bias (and other 1-d parameter) not.
+    A step with zero gradients is decay alone: it shrinks the matrices by ``1 - lr * decay``
+    and leaves the biases as they were."""
+    from weathermodel.training.loop import parameter_groups
+
+    run = trainer(tiny_config(store, tmp_path / "wd", **{"optim.weight_decay": 0.5}))
+    decayed, spared = run.optimizer.param_groups
+    assert decayed["weight_decay"] == 0.5 and spared["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    assert all(name.endswith(".weight") for name in decayed["param_names"])
+    assert "network.encoder.edge_mlp.0.weight" in decayed["param_names"]
+    biases = [name for name, _ in run.model.named_parameters() if name.endswith(".bias")]
+    assert biases and set(biases) <= set(spared["param_names"])
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(run.model.parameters()))
+
+    before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    for parameter in run.model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    run.optimizer.step()
+    shrink = 1 - decayed["lr"] * 0.5
+    assert shrink < 1
+    for name, parameter in run.model.named_parameters():
+        if name in decayed["param_names"]:
+            torch.testing.assert_close(parameter.detach(), before[name] * shrink)
+        else:
+            assert torch.equal(parameter.detach(), before[name]), name
+
+    # free tables named like embeddings or biases, and embedding and norm layers, are spared
+    model = nn.ModuleDict({"table": nn.Embedding(4, 3), "norm": nn.LayerNorm(3),
+                           "projection": nn.Linear(3, 3), "patch_embedding": nn.Conv2d(3, 3, 2)})
+    model.register_parameter("latitude_embedding", nn.Parameter(torch.zeros(2, 3)))
+    model.register_parameter("position_bias_table", nn.Parameter(torch.zeros(2, 3)))
+    model.register_parameter("mixing", nn.Parameter(torch.zeros(2, 3)))
+    decayed, spared = parameter_groups(model, 0.1)
+    assert sorted(decayed["param_names"]) == ["mixing", "patch_embedding.weight",
+                                              "projection.weight"]
+    assert sorted(spared["param_names"]) == sorted([
+        "latitude_embedding", "position_bias_table", "table.weight", "norm.weight", "norm.bias",
+        "projection.bias", "patch_embedding.bias"])
+
+
+def test_optimizer_state_of_one_group_is_regrouped_per_parameter() -> None:
+    """A checkpoint written when all parameters shared one AdamW group loads into the two
+    groups, each parameter keeping its own moments."""
+    from weathermodel.training.loop import load_optimizer_state, parameter_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    old = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    model(torch.randn(5, 3)).square().sum().backward()
+    old.step()
+    saved = old.state_dict()
+    new = torch.optim.AdamW(parameter_groups(model, 0.1), lr=0.5)
+    assert load_optimizer_state(new, saved, model)
+    assert [g["lr"] for g in new.param_groups] == [0.1, 0.1]
+    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
+    for parameter in model.parameters():
+        expected = old.state[parameter]
+        assert torch.equal(new.state[parameter]["exp_avg"], expected["exp_avg"])
+        assert torch.equal(new.state[parameter]["exp_avg_sq"], expected["exp_avg_sq"])
+    again = torch.optim.AdamW(parameter_groups(model, 0.1), lr=0.5)
+    assert not load_optimizer_state(again, new.state_dict(), model)
+
+
+def test_non_finite_gradients_are_reported_at_the_logging_step(store: Path,
+                                                               tmp_path: Path) -> None:
+    """The gradient norm is checked on the device (no wait per step) and a non-finite one is
+    reported, with the steps it may have happened at, at the next logging step."""
+    from weathermodel.errors import WeatherModelError
+
+    run = trainer(tiny_config(store, tmp_path / "nan", **{
+        "log_every": 3, "optim.max_steps": 6, "data.validation": None}))
+    with torch.no_grad():
+        next(run.model.network.parameters()).fill_(float("inf"))
+    with pytest.raises(WeatherModelError, match="between 1 and 3") as error:
+        run.fit()
+    assert "gradient norm was not finite" in error.value.problem
+    assert run.step == 3
+
+
+def _cxx_compiler() -> str | None:
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cxx_compiler() is None,
+                    reason="torch.compile on CPU needs a C++ compiler (none found; set CXX)")
+def test_compile_option_trains_and_saves_the_same_parameter_names(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile: true`` trains (about 30 s of CPU time compiling the tiny network's forward
+    and backward) and checkpoints carry the parameter names of an uncompiled model."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "compile_threads", 1)  # no pool of compile processes
+    run = trainer(tiny_config(store, tmp_path / "c", **{
+        "compile": True, "optim.max_steps": 2, "data.validation": None,
+        "rollout_schedule": [{"from_step": 0, "rollout": 1}]}))
+    assert run.model.network._compiled_call_impl is not None
+    metrics = run.fit()
+    assert np.isfinite(metrics["train/loss"])
+    saved = read_payload(list_checkpoints(tmp_path / "c")[-1][1])["state_dict"]
+    plain = trainer(tiny_config(store, tmp_path / "p"))
+    assert sorted(saved) == sorted(plain.model.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_are_pinned_and_copied_without_waiting(store: Path, tmp_path: Path) -> None:
+    from weathermodel.data.datamodule import to_device
+
+    run = trainer(tiny_config(store, tmp_path / "pin", **{"accelerator": "cuda",
+                                                         "devices": "1"}))
+    batch = next(iter(run.data.train_dataloader()))
+    assert all(value.is_pinned() for value in batch.values())
+    assert all(value.device.type == "cuda" for value in next(run._batches()).values())
+    big = torch.ones(64, 2**20).pin_memory()  # 256 MiB: some milliseconds to copy
+    torch.cuda.synchronize()
+    copied = to_device({"x": big}, torch.device("cuda"))["x"]
+    assert not torch.cuda.current_stream().query()  # the host did not wait for the copy
+    torch.cuda.synchronize()
+    assert bool((copied == 1).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_steps_do_not_wait_for_the_device(store: Path, tmp_path: Path) -> None:
+    """CUDA's synchronisation warnings during a run of 2 and of 8 steps (logging, validation
+    and checkpoints only at the end): as many in both, so none comes from a step."""
+    import warnings
+
+    def synchronisations(steps: int) -> int:
+        run = trainer(tiny_config(store, tmp_path / f"sync{steps}", **{
+            "accelerator": "cuda", "devices": "1", "optim.max_steps": steps,
+            "log_every": 100, "checkpoint_every": 100, "data.validation": None,
+            "rollout_schedule": [{"from_step": 0, "rollout": 1}]}))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run.fit()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert synchronisations(8) == synchronisations(2)

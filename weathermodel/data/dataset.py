@@ -211,6 +211,12 @@ class WindowDataset(Dataset):
     same times, and the int64 scalars ``time_index`` (store index of the initialisation time)
     and ``member``. Values are raw, NaN where the store has missing values. Samples cover
     every window start and every ensemble member; a window never spans a gap of the store.
+
+    ``dataset[(index, steps)]`` reads only the first ``steps`` targets of sample ``index``
+    (``history + steps`` states and forcings, ``1 <= steps <= rollout``): the training
+    sampler asks for the rollout of the current stage of the schedule this way, so a run at
+    rollout 1 of a schedule reaching 4 does not read the 3 states it would throw away. The
+    windows (and so the sample numbering) are those of the full ``rollout`` whatever is read.
     """
 
     def __init__(self, store: str | Path, history: int = 1, rollout: int = 1,
@@ -258,19 +264,26 @@ class WindowDataset(Dataset):
         start = self.window_starts[index // self.summary.n_members]
         return self.summary.times[start + self.offsets[self.history - 1]]
 
-    def _read(self, reader: TimeSliceReader, start: int, *index: int) -> np.ndarray:
+    def _read(self, reader: TimeSliceReader, start: int, states: int, *index: int
+              ) -> np.ndarray:
+        """The first ``states`` states of the window starting at store index ``start``."""
         if self.stride == 1:  # one contiguous slice
-            return reader.read(start, start + len(self.offsets), *index)
-        return reader.read_times(start + self.offsets, *index)  # only the window's states
+            return reader.read(start, start + states, *index)
+        return reader.read_times(start + self.offsets[:states], *index)  # only those states
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, steps = index if isinstance(index, tuple) else (index, self.rollout)
         if not 0 <= index < len(self):
             raise IndexError(index)
+        if not 1 <= steps <= self.rollout:
+            raise IndexError(f"rollout {steps} of a dataset of windows of rollout "
+                             f"{self.rollout}")
         state_reader, forcing_reader = self._open()
         start = int(self.window_starts[index // self.summary.n_members])
         member = index % self.summary.n_members
-        window = torch.from_numpy(self._read(state_reader, start, member))
-        forcings = torch.from_numpy(self._read(forcing_reader, start))
+        states = self.history + steps
+        window = torch.from_numpy(self._read(state_reader, start, states, member))
+        forcings = torch.from_numpy(self._read(forcing_reader, start, states))
         return {
             "inputs": window[:self.history],
             "targets": window[self.history:],

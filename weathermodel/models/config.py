@@ -27,6 +27,17 @@ class GraphConfig:
         displacement in the receiver's frame -- divided by the set's longest edge, GraphCast) or
         ``icosahedron_edge`` (every set divided by the longest multi-mesh edge: grid <-> mesh
         features ~0.02 at refinement 5; only for models trained before that was fixed).
+    processor : ``gnn`` (interaction networks that update node and edge latents, GraphCast) or
+        ``transformer`` (graph transformer, Anemoi's ``GraphTransformerProcessor``: multi-head
+        attention of each mesh node over its multi-mesh senders, keys and values shifted by a
+        projection of the edge features, softmax per receiver, then an MLP).
+    attention_heads : heads of the ``transformer`` processor (``latent_size`` must be a
+        multiple).
+    edge_chunks : the encoder's and decoder's edges (and the ``transformer`` processor's) are
+        processed in this many chunks whose messages are summed into the receivers one chunk
+        after the other (Anemoi's ``num_chunks``): with activation checkpointing only one
+        chunk's edge activations are alive at once in the backward pass, and in inference only
+        one chunk's in the forward. The result does not depend on it (up to float rounding).
     """
 
     mesh_refinement: int = 2
@@ -37,12 +48,23 @@ class GraphConfig:
     mesh_to_grid: Literal["triangle", "knn"] = "triangle"
     knn: int = 3
     edge_normalization: Literal["per_edge_set", "icosahedron_edge"] = "per_edge_set"
+    processor: Literal["gnn", "transformer"] = "gnn"
+    attention_heads: int = 4
+    edge_chunks: int = 1
 
     def validate(self) -> None:
         if not 0 <= self.mesh_refinement <= 7:
             raise ConfigError("'mesh_refinement' must be between 0 and 7", "give 0..7")
         if self.latent_size < 1 or self.processor_layers < 0 or self.mlp_hidden_layers < 0:
             raise ConfigError("graph sizes must be positive", "check latent_size and layers")
+        if self.edge_chunks < 1:
+            raise ConfigError(f"'edge_chunks' must be at least 1, got {self.edge_chunks}",
+                              "give 1 (no chunking) or more")
+        if self.processor == "transformer" and (
+                self.attention_heads < 1 or self.latent_size % self.attention_heads):
+            raise ConfigError(f"'latent_size' ({self.latent_size}) must be a multiple of "
+                              f"'attention_heads' ({self.attention_heads})",
+                              "change latent_size or attention_heads")
 
 
 @dataclass
@@ -92,6 +114,44 @@ class LossConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """A stochastic (CRPS-trained) forecaster, in the style of AIFS-CRPS and FGN.
+
+    Attributes
+    ----------
+    noise_channels : input channels of random noise drawn afresh at every step (0: a
+        deterministic model). Each is a smooth field: standard normal values on a coarse grid
+        ``noise_length_points`` grid points apart (periodic in longitude on global grids),
+        interpolated bilinearly; the network's encoder embeds it into its latents like any
+        input, so one draw gives one member.
+    noise_length_points : grid points between the coarse noise values (the length scale).
+    members : members per sample in training; the loss is their almost-fair CRPS.
+    crps_alpha : the almost-fair CRPS's alpha (AIFS-CRPS uses 0.95; 1 is the fair CRPS).
+    """
+
+    noise_channels: int = 0
+    noise_length_points: int = 4
+    members: int = 4
+    crps_alpha: float = 0.95
+
+    @property
+    def stochastic(self) -> bool:
+        return self.noise_channels > 0
+
+    def validate(self) -> None:
+        if self.noise_channels < 0 or self.noise_length_points < 1:
+            raise ConfigError("ensemble.noise_channels must be >= 0 and "
+                              "ensemble.noise_length_points >= 1",
+                              "give e.g. noise_channels: 8, noise_length_points: 4")
+        if self.stochastic and self.members < 2:
+            raise ConfigError("a stochastic model trains on the CRPS of at least 2 members per "
+                              "sample", "set ensemble.members to 2 or more (AIFS-CRPS: 4)")
+        if not 0.0 <= self.crps_alpha <= 1.0:
+            raise ConfigError(f"ensemble.crps_alpha={self.crps_alpha} is outside [0, 1]",
+                              "give 0.95 (AIFS-CRPS) or 1 (fair CRPS)")
+
+
+@dataclass
 class ModelConfig:
     """Which forecaster, and how it runs.
 
@@ -109,6 +169,8 @@ class ModelConfig:
         (Anemoi's ``InputImputer`` with the ``mean`` statistic), give the network one more input
         channel per input channel with missing values: 1 where the value was missing.
     activation_checkpointing : recompute activations of each block in the backward pass.
+    ensemble : noise inputs and CRPS training of a stochastic model (:class:`EnsembleConfig`);
+        by default none (deterministic).
 
     Precision is not a model option: training's ``precision`` (``bf16-mixed``) is the one
     switch, applied by Lightning Fabric around the whole step.
@@ -123,8 +185,10 @@ class ModelConfig:
     diagnostic: list[str] | None = None
     imputer_mask_channel: bool = False
     activation_checkpointing: bool = False
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def validate(self) -> None:
+        self.ensemble.validate()
         if self.history < 1:
             raise ConfigError("'history' must be at least 1", "give 1 or 2")
         overlap = sorted(set(self.forcing or []) & set(self.diagnostic or []))

@@ -12,6 +12,10 @@
   ``last state + prediction * tendency_std`` (residual prediction, GraphCast); diagnostic
   channels predicted directly as ``mean + prediction * std``.
 
+* a stochastic model (``ensemble.noise_channels > 0``, CRPS-trained as AIFS-CRPS / FGN) takes
+  smooth random noise fields as extra inputs, drawn afresh at every step: each call is one
+  ensemble member.
+
 ``rollout`` feeds predictions back autoregressively, taking the forcing channels of each new
 input from the data when given (``future``) and persisting them otherwise.
 """
@@ -224,7 +228,9 @@ class Forecaster(nn.Module):
                              (~torch.tensor(is_diagnostic)[outputs]).view(1, -1, 1, 1),
                              persistent=False)
         in_channels = (config.history * (len(inputs) + len(masked))
-                       + (config.history + 1) * n_forcings + len(metadata.statics))
+                       + (config.history + 1) * n_forcings + len(metadata.statics)
+                       + config.ensemble.noise_channels)
+        self.network_in_channels = in_channels
         self.network = build_network(config, in_channels, len(outputs),
                                      np.asarray(metadata.latitude), np.asarray(metadata.longitude),
                                      metadata.grid, cache_dir=cache_dir)
@@ -232,6 +238,42 @@ class Forecaster(nn.Module):
     @property
     def lead_time_hours(self) -> float:
         return self.metadata.time_step_seconds / 3600.0
+
+    @property
+    def is_stochastic(self) -> bool:
+        """Whether each call draws noise (a CRPS-trained ensemble model): one call, one member."""
+        return self.config.ensemble.stochastic
+
+    @property
+    def noise_input_columns(self) -> slice:
+        """The network input channels that carry noise: the last ``noise_channels``."""
+        width = self.network_in_channels
+        return slice(width - self.config.ensemble.noise_channels, width)
+
+    def noise(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """Smooth standard-normal noise (B, noise_channels, lat, lon) for one step.
+
+        Values are drawn on every ``noise_length_points``-th grid point and interpolated
+        bilinearly between them; on a global grid the coarse grid wraps in longitude (exactly
+        periodic when the number of longitudes is a multiple of the length), so the field is
+        continuous across the date line. Draws use torch's global generator on ``like``'s
+        device (seed it for reproducible members).
+        """
+        ensemble = self.config.ensemble
+        n_lat, n_lon = self.statics.shape[-2:]
+        step = ensemble.noise_length_points
+        periodic = bool(self.metadata.grid.get("is_global", True))
+        # coarse values sit on every step-th point; the fine field is cropped to the grid
+        coarse_lat = -(-(n_lat - 1) // step) + 1
+        coarse_lon = -(-n_lon // step) if periodic else -(-(n_lon - 1) // step) + 1
+        coarse = torch.randn(batch, ensemble.noise_channels, coarse_lat, coarse_lon,
+                             device=like.device)
+        if periodic:  # one more column repeats the first: one full turn of longitude
+            coarse = torch.cat([coarse, coarse[..., :1]], dim=-1)
+        fine_size = ((coarse_lat - 1) * step + 1, (coarse.shape[-1] - 1) * step + 1)
+        fine = nn.functional.interpolate(coarse, size=fine_size, mode="bilinear",
+                                         align_corners=True)[..., :n_lat, :n_lon]
+        return fine.to(like.dtype)
 
     def network_inputs(self, states: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
         """Normalised, imputed, stacked inputs (B, in_channels, lat, lon).
@@ -249,11 +291,15 @@ class Forecaster(nn.Module):
             pieces.append(missing.to(normalised.dtype).flatten(1, 2))
         forcing = ((forcings - self.forcing_mean) / self.forcing_std).flatten(1, 2)
         statics = self.statics.expand(batch, -1, -1, -1).to(normalised.dtype)
-        return torch.cat([*pieces, forcing, statics], dim=1)
+        noise = [self.noise(batch, normalised)] if self.is_stochastic else []
+        return torch.cat([*pieces, forcing, statics, *noise], dim=1)  # noise last (see
+        # noise_input_columns)
 
     def forward(self, states: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
         """Next state (B, C, lat, lon) in physical units from ``history`` states.
 
+        A stochastic model draws new noise at every call: the batch entries of a repeated
+        state are different members.
         Prognostic and diagnostic channels are predicted; forcing channels are carried over
         from the last input state (:meth:`rollout` replaces them by the data when it has them).
         """

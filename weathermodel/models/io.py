@@ -59,12 +59,15 @@ def content_digest(payload: dict[str, Any]) -> str:
 
 
 def model_payload(model: Forecaster) -> dict[str, Any]:
-    """Plain-data description of a model: config, metadata, statics and weights."""
+    """Plain-data description of a model: config, metadata, whether it is stochastic, statics
+    and weights."""
     return {
         "format_version": MODEL_FORMAT_VERSION,
         "package_version": weathermodel.__version__,
         "model_config": config_to_dict(model.config),
         "metadata": model.metadata.to_dict(),
+        # a CRPS-trained model draws noise at each step: each forecast member is one sample
+        "stochastic": model.is_stochastic,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 

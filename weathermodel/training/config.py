@@ -78,6 +78,10 @@ class TrainConfig:
     init_from : a model file or checkpoint whose trained parameters start this run (fine-tuning,
         e.g. longer rollouts at a lower learning rate); the model configuration must give the
         same parameter shapes. Normalisation statistics come from this run's store.
+    compile : compile the network with ``torch.compile`` (in place: parameter names and
+        checkpoints are unchanged). The first steps take longer while it compiles (and again
+        when a batch shape changes, e.g. a new rollout stage); on CPUs it needs a C++
+        compiler.
     """
 
     data: DataConfig
@@ -98,6 +102,7 @@ class TrainConfig:
     val_batches: int = 8
     process_group_timeout_s: int = 600
     init_from: str | None = None
+    compile: bool = False
 
     def validate(self) -> None:
         stages = sorted(self.rollout_schedule, key=lambda s: s.from_step)

@@ -5,7 +5,18 @@ under ``torchrun`` or SLURM ``srun``, joins the process group the launcher set u
 gloo on CPUs). Each rank reads its shard of the shuffled windows; DDP averages gradients, so a
 run on N processes with batch B/N each follows the same trajectory as one process with batch B.
 Checkpoints record the data position, every RNG state, the training weights and (with
-``optim.ema_decay``) their moving average, so ``--resume`` continues exactly.
+``optim.ema_decay``) their moving average, so ``--resume`` continues exactly (with any number
+of loader workers).
+
+Data come from :class:`~weathermodel.data.datamodule.WeatherDataModule`, the one loader path:
+each batch holds only the states the rollout of its step needs (``history + rollout`` of the
+schedule's current stage, not of its longest), in pinned memory on CUDA devices, copied with
+``non_blocking``. The host waits for the device only on logging, validation and checkpoint
+steps: the loss is summed on the device, and a non-finite gradient norm is flagged there and
+reported at the next logging step. ``compile: true`` compiles the network with
+``torch.compile``. Weight decay applies to the weight matrices and kernels of layers only,
+not to biases, normalisation gains and learned embedding or position tables
+(:func:`parameter_groups`).
 
 ``precision: bf16-mixed`` runs the forward pass under bfloat16 autocast (matrix products in
 bf16, parameters, inputs, residual sums and the loss in float32). Validation scores the moving
@@ -25,41 +36,91 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.plugins.precision.amp import MixedPrecision
 from lightning.fabric.strategies import DDPStrategy
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from weathermodel.configuration import config_to_dict, dump_config
-from weathermodel.data.dataset import WindowDataset, training_summary
+from weathermodel.data.datamodule import WeatherDataModule, to_device
+from weathermodel.data.dataset import training_summary
 from weathermodel.data.weights import latitude_weights
 from weathermodel.errors import ConfigError, WeatherModelError
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
 from weathermodel.models.io import read_payload, save_model
-from weathermodel.models.loss import WeightedMSELoss
+from weathermodel.models.loss import WeightedCRPSLoss, WeightedMSELoss
 from weathermodel.training.checkpoint import (load_latest_checkpoint, restore_rng_state,
                                               rng_state, save_checkpoint)
 from weathermodel.training.config import TrainConfig
 from weathermodel.training.ema import ExponentialMovingAverage
 
 
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start part-way through an epoch (exact resume)."""
+#: data options that change how windows are loaded, not which: a run may resume with others
+LOADER_ONLY_DATA_KEYS = ("num_workers", "prefetch_factor")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip = 0
+#: parameter names (lower case) that mark a free tensor as an embedding, bias or norm table
+_NO_DECAY_NAME_PARTS = ("embedding", "bias", "norm")
+_NORMALISATION_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+_DECAYED_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.skip:])
 
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``[decayed, not decayed]``, each with ``param_names``.
+
+    Decayed: the weight matrices and kernels (2 or more dims) of linear and convolution
+    layers, and any other parameter of 2 or more dims whose name does not mention
+    ``embedding``, ``bias`` or ``norm``. Not decayed (``weight_decay`` 0): every parameter of
+    fewer than 2 dims (biases, normalisation gains and shifts), the weights of embedding and
+    normalisation layers, and free tables named like an embedding, a bias or a norm (a
+    learned latitude embedding, a relative position bias table).
+    """
+    decayed: list[tuple[str, nn.Parameter]] = []
+    kept: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()  # a parameter shared by two modules goes in once
+    for module_name, module in model.named_modules():
+        for leaf, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if parameter.ndim < 2 or isinstance(module, (nn.Embedding, *_NORMALISATION_LAYERS)):
+                decay = False
+            elif isinstance(module, _DECAYED_LAYERS):
+                decay = True
+            else:
+                decay = not any(part in name.lower() for part in _NO_DECAY_NAME_PARTS)
+            (decayed if decay else kept).append((name, parameter))
+    return [{"params": [p for _, p in group], "param_names": [n for n, _ in group],
+             "weight_decay": decay}
+            for group, decay in ((decayed, weight_decay), (kept, 0.0))]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                         model: nn.Module) -> bool:
+    """Load an optimizer state; one saved with a single parameter group (before biases,
+    norms and embeddings were exempted from weight decay) is regrouped parameter by
+    parameter. Returns True when it was regrouped."""
+    if len(saved["param_groups"]) == len(optimizer.param_groups):
+        optimizer.load_state_dict(saved)
+        return False
+    position = {id(p): i for i, p in enumerate(model.parameters())}  # the old single group
+    current = optimizer.state_dict()
+    old_group = saved["param_groups"][0]
+    for group, ours in zip(current["param_groups"], optimizer.param_groups):
+        group.update({k: v for k, v in old_group.items()
+                      if k not in ("params", "param_names", "weight_decay")})
+    state = {}
+    for group, ours in zip(current["param_groups"], optimizer.param_groups):
+        for slot, parameter in zip(group["params"], ours["params"]):
+            old = old_group["params"][position[id(parameter)]]
+            if old in saved["state"]:
+                state[slot] = saved["state"][old]
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    return True
 
 
 class _AutocastKeepingFloat32Inputs(MixedPrecision):
@@ -102,14 +163,6 @@ def make_fabric(config: TrainConfig, loggers: list | None = None) -> Fabric:
         # the same plugin object (Fabric and its strategy both hold it), minus the input cast
         fabric.strategy.precision.__class__ = _AutocastKeepingFloat32Inputs
     return fabric
-
-
-def evenly_spaced(total: int, wanted: int) -> np.ndarray:
-    """``wanted`` indices spread evenly over ``range(total)``, the first included; all of them
-    when ``wanted`` is 0 or at least ``total``. Index i is ``floor(i * total / wanted)``."""
-    if wanted <= 0 or wanted >= total:
-        return np.arange(total)
-    return (np.arange(wanted) * total) // wanted
 
 
 def area_weighted_mse(forecast: torch.Tensor, truth: torch.Tensor, row_weights: torch.Tensor
@@ -159,11 +212,40 @@ def _check_ranks_agree(fabric: Fabric, config: TrainConfig, fingerprint: str) ->
                           "launch every rank with the same config file, overrides and store")
 
 
+def _without_loader_options(section: str, values: Any) -> Any:
+    """A configuration section as compared on resume: the data section without the options
+    that only change how windows are loaded (:data:`LOADER_ONLY_DATA_KEYS`)."""
+    if section != "data" or not isinstance(values, dict):
+        return values
+    return {k: v for k, v in values.items() if k not in LOADER_ONLY_DATA_KEYS}
+
+
+def _with_noise_columns(state: dict[str, torch.Tensor], mine: dict[str, torch.Tensor],
+                        columns: slice) -> dict[str, torch.Tensor]:
+    """A deterministic model's parameters widened for a stochastic model's noise inputs: the
+    input layer gets zero weights for the noise channels (inserted where the noise enters), so
+    fine-tuning with the CRPS starts from the deterministic forecast (AIFS-CRPS does the same)."""
+    noise = columns.stop - columns.start
+    widened = dict(state)
+    for name, value in mine.items():
+        old = state.get(name)
+        if old is None or old.dim() < 2 or old.shape[1] + noise != value.shape[1] \
+                or old.shape[:1] + old.shape[2:] != value.shape[:1] + value.shape[2:]:
+            continue
+        new = torch.zeros_like(value)
+        new[:, :columns.start] = old[:, :columns.start]
+        new[:, columns.stop:] = old[:, columns.start:]
+        widened[name] = new
+    return widened
+
+
 def _load_parameters(model: Forecaster, path: str) -> None:
     """Start from the trained parameters of another model file or checkpoint (fine-tuning).
     Only parameters are taken: normalisation buffers stay those of this run's store."""
     state = read_payload(path)["state_dict"]
     mine = dict(model.named_parameters())
+    if model.is_stochastic:
+        state = _with_noise_columns(state, mine, model.noise_input_columns)
     mismatched = sorted(name for name, value in mine.items()
                         if name not in state or state[name].shape != value.shape)
     if mismatched:
@@ -198,9 +280,14 @@ class Trainer:
                                 self.summary.statics)
         if config.init_from:  # a resumed run then replaces them by its checkpoint's
             _load_parameters(self.model, config.init_from)
-        self.loss = WeightedMSELoss.for_model(self.model).to(self.fabric.device)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
-                                      weight_decay=config.optim.weight_decay)
+        if config.compile:  # in place: parameter names and checkpoints stay as they are
+            self.model.network.compile()
+        self.loss = (WeightedCRPSLoss.for_model(self.model,
+                                                alpha=config.model.ensemble.crps_alpha)
+                     if self.model.is_stochastic
+                     else WeightedMSELoss.for_model(self.model)).to(self.fabric.device)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, config.optim.weight_decay),
+                                      lr=config.optim.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: learning_rate_factor(step, config))
         self.module, self.optimizer = self.fabric.setup(self.model, optimizer)
@@ -209,13 +296,11 @@ class Trainer:
         self.ema = (ExponentialMovingAverage(self.model, config.optim.ema_decay)
                     if config.optim.ema_decay > 0 else None)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.train_set = WindowDataset(config.data.store, config.data.history,
-                                       config.data.rollout, config.data.train,
-                                       summary=self.summary)
-        self._validation_set: WindowDataset | None = None
-        self.sampler = ResumableSampler(self.train_set, num_replicas=self.fabric.world_size,
-                                        rank=self.fabric.global_rank, shuffle=True,
-                                        seed=config.seed, drop_last=True)
+        self.data = WeatherDataModule(config.data, seed=config.seed, summary=self.summary,
+                                      rank=self.fabric.global_rank,
+                                      world_size=self.fabric.world_size,
+                                      pin_memory=self.fabric.device.type == "cuda",
+                                      rollout_of_batch=self.rollout_of_batch)
         self._rng_after_resume: dict[str, Any] | None = None
         if resume:
             self._resume()
@@ -229,7 +314,8 @@ class Trainer:
         saved = payload["train_config"]
         mine = config_to_dict(self.config)
         for key in ("data", "model", "seed", "rollout_schedule"):
-            if saved.get(key) != mine.get(key):
+            if _without_loader_options(key, saved.get(key)) != \
+                    _without_loader_options(key, mine.get(key)):
                 raise WeatherModelError(
                     f"the checkpoint was written with a different '{key}' configuration",
                     "resume with the configuration of that run, or use a new run_dir",
@@ -239,7 +325,10 @@ class Trainer:
         averaged = "training_state_dict" in payload
         self.model.load_state_dict(payload["training_state_dict"] if averaged
                                    else payload["state_dict"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if load_optimizer_state(self.optimizer, payload["optimizer"], self.model):
+            self.fabric.print(f"note: {payload['path']} was written when weight decay applied "
+                              "to every parameter; from here it skips biases, norms and "
+                              "embeddings, so the run does not continue exactly as before")
         self.scheduler.load_state_dict(payload["scheduler"])
         self.step, self.epoch = payload["step"], payload["epoch"]
         self.batch_in_epoch = payload["batch_in_epoch"]
@@ -278,17 +367,20 @@ class Trainer:
         return self.ema.applied() if self.ema is not None else nullcontext()
 
     # ---------------------------------------------------------------- data
+    def rollout_of_batch(self, batch: int) -> int:
+        """Rollout steps read for micro-batch number ``batch`` (counted from the start of
+        training): that of the optimizer step it belongs to."""
+        return self.config.rollout_at(batch // self.config.optim.accumulate)
+
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches forever, epoch after epoch, from the recorded position."""
-        data = self.config.data
+        """Micro-batches forever, epoch after epoch, from the recorded position, on the
+        device."""
+        loader = self.data.train_dataloader()
         while True:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.skip = self.batch_in_epoch * data.batch_size
-            loader = DataLoader(self.train_set, batch_size=data.batch_size,
-                                sampler=self.sampler, drop_last=True,
-                                num_workers=data.num_workers,
-                                prefetch_factor=data.prefetch_factor if data.num_workers else None)
-            batches = iter(loader)  # draws a base seed from torch's global generator
+            self.data.seek(self.epoch, self.batch_in_epoch)
+            # draws a base seed from torch's global generator (with persistent workers, only
+            # the first time)
+            batches = iter(loader)
             if self._rng_after_resume is not None:
                 # resuming: the uninterrupted run drew that seed before its checkpoint, so
                 # restore the generators after it, for the exact same random streams
@@ -296,19 +388,26 @@ class Trainer:
                 self._rng_after_resume = None
             for batch in batches:
                 self.batch_in_epoch += 1  # counted when handed out: a checkpoint after this
-                yield {k: v.to(self.fabric.device) for k, v in batch.items()}  # step skips it
+                yield to_device(batch, self.fabric.device)  # step skips it
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     # ---------------------------------------------------------------- loop
     def _micro_step(self, batch: dict[str, torch.Tensor], rollout: int) -> torch.Tensor:
         history = self.config.data.history
+        inputs, forcings = batch["inputs"], batch["forcings"][:, :history + rollout]
+        targets = batch["targets"][:, :rollout]
+        members = self.config.model.ensemble.members if self.model.is_stochastic else 1
+        if members > 1:  # each sample repeated: every copy draws its own noise
+            inputs, forcings = (x.repeat_interleave(members, 0) for x in (inputs, forcings))
         # Fabric's forward applies the precision only where a strategy wraps the model (DDP):
         # in one process the marked method runs as it is, so autocast is entered here too
         with self.fabric.autocast():
-            prediction = self.module.rollout(batch["inputs"],
-                                             batch["forcings"][:, :history + rollout], rollout,
-                                             batch["targets"])
-        loss = self.loss(prediction, batch["targets"][:, :rollout])
+            prediction = self.module.rollout(
+                inputs, forcings, rollout,
+                targets.repeat_interleave(members, 0) if members > 1 else targets)
+        if members > 1:  # (batch, members, steps, channel, lat, lon) for the CRPS
+            prediction = prediction.unflatten(0, (-1, members))
+        loss = self.loss(prediction, targets)
         self.fabric.backward(loss / self.config.optim.accumulate)
         return loss.detach()
 
@@ -324,6 +423,9 @@ class Trainer:
                    disable=not self.progress or self.fabric.global_rank != 0)
         last: dict[str, float] = {}
         started, samples = time.perf_counter(), 0
+        # set on the device when a step's gradient norm is not finite; read on logging steps
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.fabric.device)
+        first_unchecked = self.step + 1
         while self.step < config.optim.max_steps:
             rollout = config.rollout_at(self.step)
             total = torch.zeros((), device=self.fabric.device)
@@ -333,9 +435,11 @@ class Trainer:
                                                   enabled=micro < config.optim.accumulate - 1):
                     total += self._micro_step(batch, rollout)
                 samples += batch["inputs"].shape[0] * self.fabric.world_size
-            if config.optim.grad_clip > 0:
-                self.fabric.clip_gradients(self.module, self.optimizer,
-                                           max_norm=config.optim.grad_clip)
+            if config.optim.grad_clip > 0:  # checked on the device: no wait here
+                norm = self.fabric.clip_gradients(self.module, self.optimizer,
+                                                  max_norm=config.optim.grad_clip,
+                                                  error_if_nonfinite=False)
+                nonfinite |= ~torch.isfinite(norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -347,6 +451,13 @@ class Trainer:
                     or stopping:  # the loss waits on the device only here
                 loss = float(self.fabric.all_reduce(total, reduce_op="mean")
                              ) / config.optim.accumulate
+                if bool(nonfinite):
+                    raise WeatherModelError(
+                        f"training diverged: the gradient norm was not finite at a step "
+                        f"between {first_unchecked} and {self.step} (loss {loss:.4g})",
+                        "lower optim.lr or set optim.grad_clip, and resume from the last "
+                        "checkpoint before the divergence", path=str(self.run_dir))
+                first_unchecked = self.step + 1
                 elapsed = time.perf_counter() - started
                 last = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                         "train/rollout": rollout,
@@ -354,7 +465,7 @@ class Trainer:
                 self.fabric.log_dict(last, step=self.step)
                 started, samples = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{loss:.4f}", rollout=rollout)
-            bar.update(1)
+            bar.update(1)  # host-side only: the bar shows the loss of logging steps
             if config.data.validation and (self.step % config.val_every == 0
                                            or self.step == config.optim.max_steps):
                 last.update(self.validate())
@@ -370,20 +481,15 @@ class Trainer:
             logger.finalize("success")
         return last
 
-    def _validation_windows(self) -> Subset:
+    def _validation_loader(self) -> DataLoader:
         """This rank's share of the validation windows: ``val_batches`` global batches
         (``val_batches * batch_size * world_size`` windows) spread evenly over the whole
         period (every window when ``val_batches`` is 0 or the period has fewer), dealt out
         round-robin, so that every window is scored once (no padding)."""
         config = self.config
-        if self._validation_set is None:
-            self._validation_set = WindowDataset(config.data.store, config.data.history,
-                                                 config.data.rollout, config.data.validation,
-                                                 summary=self.summary)
-        world = self.fabric.world_size
-        chosen = evenly_spaced(len(self._validation_set),
-                               config.val_batches * config.data.batch_size * world)
-        return Subset(self._validation_set, chosen[self.fabric.global_rank::world].tolist())
+        return self.data.evaluation_dataloader(
+            config.data.validation,
+            config.val_batches * config.data.batch_size * self.fabric.world_size)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -393,12 +499,10 @@ class Trainer:
         (:func:`weathermodel.data.weights.latitude_weights`, ``auto``): the square root of the
         mean over windows of the area-weighted MSE, over the points where the truth is not
         missing. The model scored is the moving average when there is one; the windows are
-        those of :meth:`_validation_windows`. Forcing channels are not scored.
+        those of :meth:`_validation_loader`. Forcing channels are not scored.
         """
         config, device = self.config, self.fabric.device
-        loader = DataLoader(self._validation_windows(), batch_size=config.data.batch_size,
-                            num_workers=config.data.num_workers,
-                            generator=torch.Generator())  # leaves the global one alone
+        loader = self._validation_loader()  # leaves torch's global generator alone
         channels = self.model.output_channel_index.to(device)
         row_weights = torch.tensor(latitude_weights(self.summary.latitude), dtype=torch.float32,
                                    device=device).view(-1, 1)
@@ -410,7 +514,7 @@ class Trainer:
         self.model.eval()
         with self._published_weights(), self.fabric.autocast():
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 truth = batch["targets"][:, :steps].index_select(2, channels)
                 forecast = self.model.rollout(batch["inputs"], batch["forcings"], steps,
                                               future=batch["targets"]).float().index_select(
