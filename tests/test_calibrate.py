@@ -1,0 +1,157 @@
+"""``weathermodel calibrate`` on a tiny real store: too small an amplitude gives SSR << 1, the
+calibrated one SSR ~ 1 at the calibrated lead, equal to what ``evaluate``'s spread-skill ratio
+finds on the ensemble ``forecast --perturbation-file`` writes; bred vectors; bad input refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from weathermodel.cli import main
+from weathermodel.configuration import from_dict
+from weathermodel.data.config import PrepareConfig
+from weathermodel.data.dataset import read_summary
+from weathermodel.data.prepare import prepare
+from weathermodel.data.weights import cell_area_weights
+from weathermodel.evaluation import align, open_forecast, spread_skill_ratio, truth_dataset
+from weathermodel.inference import forecast as forecast_module
+from weathermodel.inference.calibrate import read_perturbation_file
+from weathermodel.inference.contract import open_initial_conditions
+from weathermodel.inference.forecast import ForecastOptions
+from weathermodel.models.config import GraphConfig, ModelConfig
+from weathermodel.models.forecaster import Forecaster, ModelMetadata
+from weathermodel.models.io import load_model, save_model
+
+VARIABLE = "2m_temperature"
+INIT = "2013-10-02/2013-10-09/1d"  # eight validation starts
+pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
+
+
+@pytest.fixture(scope="module")
+def setup(ncep_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An NCEP store (Sep-Oct 2013, North America, 2.5 degrees) and an untrained tiny graph
+    model (its errors are large: the calibrated perturbation must be large too)."""
+    root = tmp_path_factory.mktemp("calibrate")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WEATHERMODEL_CACHE", str(root / "cache"))
+        store = prepare(from_dict(PrepareConfig, {
+            "sources": [{"path": str(ncep_file)}], "output": str(root / "ncep.zarr"),
+            "start": "2013-09-01", "end": "2013-10-31T18"}), progress=False)
+        summary = read_summary(store)
+        torch.manual_seed(0)
+        config = ModelConfig(kind="graph", history=2, graph=GraphConfig(
+            mesh_refinement=1, latent_size=16, processor_layers=1))
+        model = Forecaster(config, ModelMetadata.from_summary(summary), summary.statics)
+        checkpoint = save_model(model, root / "model.pt")
+        yield {"root": root, "store": store, "checkpoint": checkpoint}
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _ssr_at_12h(setup: dict, store: Path) -> float:
+    """``evaluate``'s spread-skill ratio (finite-ensemble correction) of a forecast store."""
+    forecast = open_forecast(store)[[VARIABLE]].sel(prediction_timedelta=[np.timedelta64(
+        12, "h")])
+    aligned = align(forecast, truth_dataset(setup["store"])[[VARIABLE]])
+    ratio = spread_skill_ratio(aligned.forecast, aligned.truth, finite_ensemble_correction=True)
+    return float(ratio[VARIABLE].squeeze())
+
+
+def _calibrate(setup: dict, capsys, out: Path, *extra: str) -> tuple[int, str, str]:
+    return _cli(capsys, "calibrate", "--checkpoint", str(setup["checkpoint"]), "--data",
+                str(setup["store"]), "--init", INIT, "--lead", "12h", "--members", "6",
+                "--out", str(out), "--no-progress", *extra)
+
+
+def test_calibration_brings_the_spread_skill_ratio_to_one(setup: dict, tmp_path: Path,
+                                                          capsys) -> None:
+    out = tmp_path / "perturbation.yaml"
+    code, printed, err = _calibrate(setup, capsys, out, "--amplitude", "0.01",
+                                    "--perturbation-length-scale", "800")
+    assert code == 0, err
+    contents = yaml.safe_load(out.read_text())
+    record = contents["calibration"]
+    trials = record["trials"]
+    assert trials[0]["amplitude"] == 0.01
+    assert trials[0]["spread_skill_ratio"] < 0.3  # far too little spread at first
+    assert record["converged"] and abs(record["spread_skill_ratio"] - 1) < 0.06
+    assert contents["amplitude"] > 0.05 and contents["length_scale_km"] == 800
+    assert "chosen amplitude" in printed and str(out) in printed
+    settings = read_perturbation_file(out)
+    assert settings.amplitude == contents["amplitude"] and settings.length_scale_km == 800
+
+    # the ensemble the forecast makes from the file scores the same SSR in evaluation
+    store = tmp_path / "ensemble.zarr"
+    code, _, err = _cli(capsys, "forecast", "--checkpoint", str(setup["checkpoint"]), "--data",
+                        str(setup["store"]), "--init", INIT, "--lead", "12h", "--members",
+                        "6", "--perturbation-file", str(out), "--out", str(store),
+                        "--no-progress")
+    assert code == 0, err
+    assert open_forecast(store).sizes["number"] == 6
+    assert _ssr_at_12h(setup, store) == pytest.approx(record["spread_skill_ratio"], rel=2e-3)
+
+    # an explicit flag overrides the file: a tenth of the amplitude, a tenth of the spread
+    store_small = tmp_path / "small.zarr"
+    code, _, err = _cli(capsys, "forecast", "--checkpoint", str(setup["checkpoint"]), "--data",
+                        str(setup["store"]), "--init", INIT, "--lead", "12h", "--members",
+                        "6", "--perturbation-file", str(out), "--perturbation",
+                        str(contents["amplitude"] / 10), "--out", str(store_small),
+                        "--no-progress")
+    assert code == 0, err
+    assert _ssr_at_12h(setup, store_small) < 0.3
+
+
+def test_bred_vectors_have_the_target_amplitude_and_keep_the_control(setup: dict) -> None:
+    model = load_model(setup["checkpoint"]).eval()
+    metadata = model.metadata
+    state = open_initial_conditions(str(setup["store"]), metadata)
+    step = np.timedelta64(metadata.time_step_seconds, "s")
+    init = np.datetime64("2013-10-05T00", "ns")
+
+    def analysis_at(time: np.datetime64) -> np.ndarray:
+        return forecast_module._initial_state(state, time, model.history, step, "store")
+
+    initial = analysis_at(init)
+    options = ForecastOptions(checkpoint="", data="", init="", lead="", out="", members=4,
+                              perturbation=0.5, perturbation_bred_cycles=3)
+    states = forecast_module._initial_members(initial, model, options, 0, torch.device("cpu"),
+                                              init, analysis_at).numpy()
+    np.testing.assert_array_equal(states[0], initial)
+    perturbation = (states[1:] - initial[None]).astype(np.float64)
+    np.testing.assert_allclose(perturbation[:, 0], perturbation[:, 1], atol=1e-4)
+    weights = cell_area_weights(np.asarray(metadata.latitude), "edges")[:, None]
+    rms = np.sqrt(np.mean(weights * perturbation[:, 0] ** 2, axis=(-2, -1)))  # (member, C)
+    target = 0.5 * np.asarray(metadata.tendency_std)[None]
+    np.testing.assert_allclose(rms, np.broadcast_to(target, rms.shape), rtol=1e-3)
+    # the model shaped them: they differ from the random fields they started from
+    plain = forecast_module._initial_members(initial, model, ForecastOptions(
+        checkpoint="", data="", init="", lead="", out="", members=4, perturbation=0.5),
+        0, torch.device("cpu")).numpy()
+    assert np.abs(plain[1:] - states[1:]).max() > 0.1 * target.max()
+
+
+def test_bad_calibration_input_is_refused(setup: dict, tmp_path: Path, capsys) -> None:
+    code, _, err = _cli(capsys, "calibrate", "--checkpoint", str(setup["checkpoint"]),
+                        "--data", str(setup["store"]), "--init", "2013-10-30", "--lead", "5d",
+                        "--out", str(tmp_path / "p.yaml"), "--no-progress")
+    assert code == 2 and "not in the data" in err and "fix:" in err, err
+    code, _, err = _calibrate(setup, capsys, tmp_path / "p.txt")
+    assert code == 2 and ".yaml" in err, err
+    code, _, err = _calibrate(setup, capsys, tmp_path / "p.yaml", "--channels", "vorticity")
+    assert code == 2 and "vorticity" in err, err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("amplitude: -1\n")
+    code, _, err = _cli(capsys, "forecast", "--checkpoint", str(setup["checkpoint"]), "--data",
+                        str(setup["store"]), "--init", "2013-10-02", "--lead", "6h",
+                        "--members", "2", "--perturbation-file", str(broken), "--out",
+                        str(tmp_path / "f.zarr"), "--no-progress")
+    assert code == 2 and "amplitude" in err, err
+    assert not (tmp_path / "f.zarr").exists()
