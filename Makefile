@@ -9,9 +9,11 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # The CPU wheel of torch is pinned by constraints-cpu.txt; an unpinned torch would pull CUDA.
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml constraints-cpu.txt requirements-earth2studio.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt --no-deps \
+		-r requirements-earth2studio.txt
 	touch $(STAMP)
 
 test: install

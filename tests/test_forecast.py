@@ -135,21 +135,57 @@ def test_streamed_forecast_equals_in_memory_rollout(setup: dict) -> None:
     steps = result.sizes["prediction_timedelta"]
     assert steps == 4 and result.sizes["time"] == inits.size == 3
     assert not np.isnan(result.values).any()  # every (start, lead) chunk was written
-    for index, init in enumerate(inits):
+    all_states, all_forcings = [], []
+    for init in inits:
         history = (init - np.arange(model.history - 1, -1, -1) * step).astype("datetime64[ns]")
-        states = torch.from_numpy(state.sel(time=history).values[:, 0][None])  # (1, h, C, y, x)
+        all_states.append(state.sel(time=history).values[:, 0])  # (h, C, y, x)
         valid = (init + np.arange(-model.history + 1, steps + 1) * step).astype("datetime64[ns]")
         batched = compute_forcings(valid, lat, lon)
-        # the forecast computes forcings for each step's window: the same values
+        # the forecast computes forcings once per valid time: the same values as for a window
         for lead in range(steps):
             window = compute_forcings(valid[lead:lead + model.history + 1], lat, lon)
             assert np.array_equal(window, batched[lead:lead + model.history + 1]), lead
-        with torch.no_grad():
-            expected = model.rollout(states, torch.from_numpy(batched)[None], steps)[0]
+            for offset, valid_time in enumerate(valid[lead:lead + model.history + 1]):
+                assert np.array_equal(compute_forcings(valid_time[None], lat, lon)[0],
+                                      window[offset])
+        all_forcings.append(batched)
+    # the three start dates are one batch of the forecast (ForecastOptions.batch_starts)
+    assert ForecastOptions.batch_starts >= inits.size
+    states = torch.from_numpy(np.stack(all_states))
+    with torch.no_grad():
+        expected = model.rollout(states, torch.from_numpy(np.stack(all_forcings)), steps)
+    for index, init in enumerate(inits):
         got = result.isel(time=index).values  # (lead, lat, lon), one channel
-        assert np.array_equal(got, expected[:, 0].numpy()), str(init)
+        assert np.array_equal(got, expected[index, :, 0].numpy()), str(init)
         # the forecast really moved: not a copy of the initial state
-        assert not np.array_equal(got[0], states[0, -1, 0].numpy())
+        assert not np.array_equal(got[0], states[index, -1, 0].numpy())
+    # batches of one start date give the same forecast to float rounding
+    with torch.no_grad():
+        for index in range(inits.size):
+            alone = model.rollout(states[index:index + 1],
+                                  torch.from_numpy(all_forcings[index])[None], steps)[0]
+            np.testing.assert_allclose(alone.numpy(), expected[index].numpy(), rtol=1e-5,
+                                       atol=1e-3)
+
+
+def test_batches_and_background_writes_change_nothing_but_rounding(setup: dict,
+                                                                   tmp_path: Path) -> None:
+    """One start date per batch written in the rolling thread (the old path), or batches of
+    two written in the background: the reference forecast (one batch of three) to float
+    rounding, with the same fingerprint (a run may resume with another batch size)."""
+    reference = _open(setup["reference"])
+    for batch_starts, overlap in ((1, False), (2, True)):
+        out = tmp_path / f"batch{batch_starts}.zarr"
+        forecast(ForecastOptions(checkpoint=str(setup["checkpoint"]), data=str(setup["store"]),
+                                 init=INIT, lead=LEAD, out=str(out), progress=False,
+                                 batch_starts=batch_starts, overlap_writes=overlap))
+        ours = _open(out)
+        assert _attrs(out)["fingerprint"] == _attrs(setup["reference"])["fingerprint"]
+        assert not np.isnan(ours[VARIABLE].values).any()
+        np.testing.assert_allclose(ours[VARIABLE].values, reference[VARIABLE].values,
+                                   rtol=1e-5, atol=1e-3)
+    assert forecast_module.start_batches(7, 3, rank=1, world=2, done={4}) == [[3, 5]]
+    assert forecast_module.start_batches(5, 2) == [[0, 1], [2, 3], [4]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,13 +359,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup: dict, tmp_path: P
     assert _open(out, consolidated=False).attrs["weathermodel_forecast"]["complete"] is False
 
     computed: list[int] = []
-    original = forecast_module._rollout_one
+    original = forecast_module.rollout_starts
 
-    def recording(model, options, state, init, index, *rest):
-        computed.append(index)
-        return original(model, options, state, init, index, *rest)
+    def recording(model, options, state, inits, indices, *rest):
+        computed.extend(indices)
+        return original(model, options, state, inits, indices, *rest)
 
-    monkeypatch.setattr(forecast_module, "_rollout_one", recording)
+    monkeypatch.setattr(forecast_module, "rollout_starts", recording)
     # a chunk write cut by the kill leaves zarr's temporary file; plant one to be sure
     chunk_dir = next(p for p in out.rglob("c") if p.is_dir())
     (chunk_dir / "0.deadbeef.partial").write_bytes(b"cut short")
@@ -338,7 +374,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup: dict, tmp_path: P
     assert not list(out.rglob("*.partial"))  # the resumed run removed the leftovers
     assert not set(computed) & done_before  # finished start dates are skipped
     assert set(computed) | done_before == set(range(30))
-    monkeypatch.setattr(forecast_module, "_rollout_one", original)
+    monkeypatch.setattr(forecast_module, "rollout_starts", original)
     straight = tmp_path / "straight.zarr"
     forecast(ForecastOptions(checkpoint=str(setup["checkpoint"]), data=str(setup["store"]),
                              init=init, lead=lead, out=str(straight), progress=False))

@@ -14,3 +14,16 @@ try:
     import pyproj  # noqa: F401
 except ImportError:  # pragma: no cover - the plot extra is not installed
     pass
+
+
+__all__ = ["__version__", "load_forecaster"]
+
+
+def __getattr__(name: str):
+    """``weathermodel.load_forecaster``, imported on first use (``import weathermodel`` stays
+    light: no torch)."""
+    if name == "load_forecaster":
+        from weathermodel.inference.predictor import load_forecaster
+
+        return load_forecaster
+    raise AttributeError(f"module 'weathermodel' has no attribute {name!r}")

@@ -130,29 +130,126 @@ def _add_forecast(subparsers: Any) -> None:
     parser.add_argument("--init", required=True, help="START or START/END/STEP, e.g. "
                         "2013-10-01/2013-12-31T18/6h")
     parser.add_argument("--lead", required=True, help="forecast length, e.g. 5d or 120h")
-    parser.add_argument("--out", required=True, help="output store (or .nc with --format)")
-    parser.add_argument("--format", dest="output_format", choices=["zarr", "netcdf"],
-                        default="zarr")
+    parser.add_argument("--out", required=True,
+                        help="output store (or a .nc / .grib2 file with --format)")
+    parser.add_argument("--format", dest="output_format", choices=["zarr", "netcdf", "grib"],
+                        default="zarr", help="zarr store, netCDF4 file or GRIB2 file")
     parser.add_argument("--members", type=int, default=1, help="ensemble size")
-    parser.add_argument("--perturbation", type=float, default=0.1,
-                        help="initial perturbation, in tendency standard deviations")
+    parser.add_argument("--perturbation", type=float, default=None,
+                        help="initial perturbation std of each prognostic channel, in its "
+                             "tendency (or --perturbation-scale) standard deviations (default "
+                             "0.1, or the --perturbation-file's)")
+    _add_perturbation_args(parser)
+    parser.add_argument("--perturbation-file", help="perturbation settings written by "
+                        "'weathermodel calibrate' (flags given explicitly override them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-unhealthy", choices=["flag", "stop"], default="flag",
                         help="NaN/inf or values far outside training: flag them or stop")
+    parser.add_argument("--batch-starts", type=int, default=4, metavar="N",
+                        help="start dates rolled out together (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _add_perturbation_args(parser: argparse.ArgumentParser) -> None:
+    """The shape of initial-condition perturbations (forecast and calibrate)."""
+    parser.add_argument("--perturbation-length-scale", type=float, metavar="KM",
+                        help="correlation length scale of the perturbation fields on the "
+                             "sphere, km (default: twice the latitude spacing, >= 250 km)")
+    parser.add_argument("--perturbation-scale", choices=["tendency_std", "std"],
+                        help="per-channel reference std of the amplitude (default: "
+                             "tendency_std)")
+    parser.add_argument("--perturbation-pairs", action="store_true", default=None,
+                        help="symmetric pairs: members 2k-1 and 2k get +p and -p")
+    parser.add_argument("--perturbation-bred-cycles", type=int, metavar="N",
+                        help="grow the perturbations as bred vectors over N 6-hour cycles "
+                             "before the start date (default 0: random fields)")
+
+
+def _perturbation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ForecastOptions' perturbation fields: the flags given, else the file's, else defaults."""
+    from weathermodel.inference.calibrate import read_perturbation_file
+    from weathermodel.inference.perturbations import PerturbationSettings
+
+    settings = (read_perturbation_file(args.perturbation_file) if args.perturbation_file
+                else PerturbationSettings())
+    flags = {"amplitude": args.perturbation, "length_scale_km": args.perturbation_length_scale,
+             "scale": args.perturbation_scale, "symmetric": args.perturbation_pairs,
+             "bred_cycles": args.perturbation_bred_cycles}
+    chosen = {**vars(settings), **{k: v for k, v in flags.items() if v is not None}}
+    settings = PerturbationSettings(**chosen)  # checks the values before anything runs
+    return {"perturbation": settings.amplitude,
+            "perturbation_length_km": settings.length_scale_km,
+            "perturbation_scale": settings.scale,
+            "perturbation_symmetric": settings.symmetric,
+            "perturbation_bred_cycles": settings.bred_cycles}
 
 
 def run_forecast(args: argparse.Namespace) -> int:
     from weathermodel.inference.forecast import ForecastOptions, forecast
+    from weathermodel.inference.grib import check_checkpoint_for_grib
 
+    if args.output_format == "grib":  # no ecCodes, or a variable without GRIB encoding
+        check_checkpoint_for_grib(args.checkpoint)  # refused before anything is computed
     options = ForecastOptions(
         checkpoint=args.checkpoint, data=args.data, init=args.init, lead=args.lead,
         out=args.out, output_format=args.output_format, members=args.members,
-        perturbation=args.perturbation, seed=args.seed, on_unhealthy=args.on_unhealthy,
-        progress=not args.no_progress)
+        seed=args.seed, on_unhealthy=args.on_unhealthy, batch_starts=args.batch_starts,
+        progress=not args.no_progress, **_perturbation_options(args))
     path = forecast(options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"forecast complete: {path}")
+    return 0
+
+
+def _add_calibrate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="choose the ensemble's perturbation amplitude on a validation period",
+        description="Run the perturbed-initial-condition ensemble from validation start dates "
+                    "and search the perturbation amplitude whose spread-skill ratio (WeatherBench "
+                    "2, with the (M+1)/M finite-ensemble correction) is 1 at the chosen lead; "
+                    "write it to a perturbation file for 'forecast --perturbation-file'.")
+    parser.add_argument("--checkpoint", required=True, help="model or training checkpoint")
+    parser.add_argument("--data", required=True, help="validation data: a training store or "
+                        "canonical dataset holding the initial conditions and the truth")
+    parser.add_argument("--init", required=True, help="validation start dates, START or "
+                        "START/END/STEP, e.g. 2000-10-01/2000-12-01/10d")
+    parser.add_argument("--lead", required=True, help="lead to calibrate at (72h) or a range "
+                        "FIRST/LAST (48h/120h)")
+    parser.add_argument("--out", required=True, help="perturbation file to write (.yaml/.json)")
+    parser.add_argument("--members", type=int, default=8, help="ensemble size (default 8)")
+    parser.add_argument("--channels", help="comma-separated channels or variables whose "
+                        "spread-skill ratio counts (default: every prognostic channel)")
+    parser.add_argument("--amplitude", type=float, default=0.1,
+                        help="first trial amplitude, in reference stds (default 0.1)")
+    _add_perturbation_args(parser)
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="stop when |log SSR| is below this (default 0.05)")
+    parser.add_argument("--max-iterations", type=int, default=8,
+                        help="most trial amplitudes (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from weathermodel.inference.calibrate import CalibrationOptions, calibrate
+
+    result = calibrate(CalibrationOptions(
+        checkpoint=args.checkpoint, data=args.data, init=args.init, lead=args.lead,
+        out=args.out, members=args.members, channels=_comma_list(args.channels),
+        amplitude=args.amplitude, length_scale_km=args.perturbation_length_scale,
+        scale=args.perturbation_scale or "tendency_std",
+        symmetric=bool(args.perturbation_pairs),
+        bred_cycles=args.perturbation_bred_cycles or 0, tolerance=args.tolerance,
+        max_iterations=args.max_iterations, seed=args.seed, progress=not args.no_progress))
+    record = result["calibration"]
+    for trial in record["trials"]:
+        print(f"amplitude {trial['amplitude']:.4g}: spread-skill ratio "
+              f"{trial['spread_skill_ratio']:.3f}")
+    print(f"chosen amplitude {result['amplitude']:.4g} (length scale "
+          f"{result['length_scale_km']:.0f} km): spread-skill ratio "
+          f"{record['spread_skill_ratio']:.3f} at {args.lead}"
+          + ("" if record["converged"] else " (not within the tolerance)"))
+    print(f"perturbation file written: {args.out}")
     return 0
 
 
@@ -270,6 +367,23 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(subparsers: Any) -> None:
+    from weathermodel.plan import add_plan_arguments
+
+    add_plan_arguments(subparsers.add_parser(
+        "plan", help="predict peak memory per device of training and forecasting",
+        description="Predict the peak memory per device of a training step and of a forecast "
+                    "step from a training configuration and its store's grid (or --grid), "
+                    "print the assumptions, and recommend batch size, activation "
+                    "checkpointing and edge chunks that fit the device."))
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from weathermodel.plan import run_plan_command
+
+    return run_plan_command(args)
+
+
 def _add_demo(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo", help="the whole path on the shipped 2013 NCEP sample, reanalysis to scorecard",
@@ -314,10 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(subparsers)
     _add_train(subparsers)
     _add_forecast(subparsers)
+    _add_calibrate(subparsers)
     _add_evaluate(subparsers)
     _add_climatology(subparsers)
     _add_inspect(subparsers)
     _add_demo(subparsers)
+    _add_plan(subparsers)
     return parser
 
 
@@ -331,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"prepare": run_prepare, "train": run_train, "forecast": run_forecast,
+                "calibrate": run_calibrate,
                 "evaluate": run_evaluate, "climatology": run_climatology,
                 "inspect": run_inspect, "demo": run_demo}
+    handlers["plan"] = run_plan
     from weathermodel.errors import is_storage_error, storage_error
 
     # what survives a failed write, and how to carry on, per command

@@ -54,8 +54,36 @@ def open_initial_conditions(path: str, metadata: ModelMetadata) -> xr.DataArray:
                             "levels", path=path, variable=missing[0])
         units = {v["name"]: v["units"] for v in store_meta["variables"]}
         state = ds["state"].sel(channel=metadata.channels)
-    else:
-        state, units = _stack_canonical(ds, metadata, path)
+        return _checked_state(state, units, metadata, path)
+    return check_initial_conditions(ds, metadata, path)
+
+
+def check_initial_conditions(ds: xr.Dataset, metadata: ModelMetadata,
+                             where: str = "initial_conditions") -> xr.DataArray:
+    """Check a dataset in canonical names (``time``, [``level``,] ``latitude``,
+    ``longitude``; WeatherBench 2 variable names and units) against the checkpoint, and stack
+    it into ``state`` (time, number, channel, lat, lon) in the checkpoint's channel order,
+    lazily. The same contract as ``weathermodel forecast --data``.
+
+    Parameters
+    ----------
+    ds : the initial conditions (and, optionally, forcing channels such as sea surface
+        temperature at later times).
+    metadata : the checkpoint's metadata.
+    where : how errors name the data (a path, or a description).
+
+    Raises
+    ------
+    DataError : a variable or level is missing, units differ, the grid differs (order
+        included), or the time step does not divide the checkpoint's.
+    """
+    state, units = _stack_canonical(ds, metadata, where)
+    return _checked_state(state, units, metadata, where)
+
+
+def _checked_state(state: xr.DataArray, units: dict[str, str], metadata: ModelMetadata,
+                   path: str) -> xr.DataArray:
+    """``state`` after the checks of units, grid and time axis against the checkpoint."""
     for variable in metadata.variables:
         have = units.get(variable["name"])
         if have is None or normalise_units(str(have)) != normalise_units(variable["units"]):
@@ -70,7 +98,7 @@ def open_initial_conditions(path: str, metadata: ModelMetadata) -> xr.DataArray:
             raise _grid_error(name, mine, theirs, path)
     times = state[cv.TIME].values
     # duplicated or unordered times are refused here, not met as a pandas error later
-    inspect_time_axis(times, None, path)
+    inspect_time_axis(times, pd.Timedelta(seconds=metadata.time_step_seconds), path)
     if times.size > 1:
         steps = np.unique(np.diff(times).astype("timedelta64[s]").astype(np.int64))
         if not any(metadata.time_step_seconds % step == 0 for step in steps if step > 0):
@@ -105,6 +133,13 @@ def _stack_canonical(ds: xr.Dataset, metadata: ModelMetadata, path: str
                 raise DataError(f"level {level:g} hPa of '{variable}' is missing", "add it",
                                 path=path, variable=variable)
             array = array.sel({cv.LEVEL: level}, drop=True)
+        expected = {cv.TIME, cv.LATITUDE, cv.LONGITUDE}
+        if not expected <= set(array.dims) or set(array.dims) - expected - {cv.MEMBER}:
+            raise DataError(f"'{variable}' has dims {list(map(str, array.dims))}, not the "
+                            f"canonical ({cv.TIME}, [{cv.LEVEL},] {cv.LATITUDE}, "
+                            f"{cv.LONGITUDE})", "rename the dims (e.g. lat -> latitude), or "
+                            "convert the data with 'weathermodel prepare'", path=path,
+                            variable=variable)
         if cv.MEMBER not in array.dims:
             array = array.expand_dims({cv.MEMBER: [0]}, axis=1)
         arrays.append(array.transpose(cv.TIME, cv.MEMBER, cv.LATITUDE, cv.LONGITUDE))

@@ -1,10 +1,15 @@
 """``weathermodel forecast``: a checkpoint and initial conditions in, a forecast store out.
 
-Every start date is rolled out autoregressively; each lead is written as soon as it is
-computed, so memory does not grow with the lead time. Under ``torchrun`` or SLURM each rank
-takes every N-th start date and writes its own chunks of one store (rank 0 creates it, the
-others wait). Forcings are computed for each valid time. Each step is checked for NaN/inf and
-for values far outside the training statistics. A killed run, restarted with the same command,
+Start dates are rolled out autoregressively in batches (``batch_starts`` start dates, each
+with its members, in one network call); each lead is written as soon as it is computed, on a
+background thread while the next lead is computed, so memory does not grow with the lead
+time. Under ``torchrun`` (Lightning Fabric, as training) each rank takes every N-th batch and
+writes its own chunks of one store (rank 0 creates it, the others wait). Forcings are computed
+once per valid time, on the device, and shared by the batch. Each step is checked for NaN/inf
+and for values far outside the training statistics (statistics reduced on the device, read
+with the lead's values by the writer: no sync per channel or per step).
+:func:`rollout_starts` is the one rollout of this command and of the Python API
+(:mod:`weathermodel.inference.predictor`). A killed run, restarted with the same command,
 skips the start dates already finished; a finished one is left as it is (nothing rewritten).
 The run's fingerprint covers the checkpoint's contents, so a retrained model at the same path
 never resumes, or passes for, the forecast of the old one.
@@ -14,10 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -27,6 +35,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 import weathermodel
+from weathermodel import conventions
 from weathermodel.data.config import parse_time, parse_timedelta
 from weathermodel.data.forcings import compute_forcings
 from weathermodel.data.sources import file_checksum
@@ -34,7 +43,9 @@ from weathermodel.data.store import remove_partial_writes
 from weathermodel.errors import ConfigError, DataError, WeatherModelError
 from weathermodel.inference import output as out
 from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
-from weathermodel.models.forecaster import Forecaster
+from weathermodel.inference.grib import forecast_store_to_grib
+from weathermodel.inference.perturbations import PerturbationSettings, initial_members
+from weathermodel.models.forecaster import Forecaster, ModelMetadata
 from weathermodel.models.io import load_model
 
 
@@ -50,10 +61,18 @@ class ForecastOptions:
     output_format: str = "zarr"
     members: int = 1
     perturbation: float = 0.1
+    perturbation_length_km: float | None = None
+    perturbation_scale: str = "tendency_std"
+    perturbation_symmetric: bool = False
+    perturbation_bred_cycles: int = 0
     seed: int = 0
     on_unhealthy: str = "flag"
     health_std: float = 10.0
     progress: bool = True
+    #: start dates rolled out together in one batch (each with its ``members``)
+    batch_starts: int = 4
+    #: write each lead on a background thread while the next one is computed
+    overlap_writes: bool = True
 
 
 def _init_time(text: str, what: str) -> pd.Timestamp:
@@ -92,21 +111,38 @@ def lead_steps(lead: str, time_step_seconds: int) -> int:
     return int(round(steps))
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group torchrun/SLURM set up."""
+def _distributed() -> tuple[int, int, torch.device, Any]:
+    """(rank, world size, device, fabric). Under torchrun (``WORLD_SIZE`` > 1) Lightning
+    Fabric joins the process group and picks each rank's device, as training does (DDP: gloo
+    on CPU, NCCL on GPUs); a single process runs on the first GPU, else the CPU, with no
+    process group (and without importing Lightning, which takes seconds)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    fabric = Fabric(accelerator="auto", devices=local, num_nodes=max(world // local, 1),
+                    strategy=DDPStrategy(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)))
+    fabric.launch()
+    return fabric.global_rank, fabric.world_size, fabric.device, fabric
+
+
+#: how long a rank waits for the others at a barrier (rank 0 creates the store first)
+PROCESS_GROUP_TIMEOUT_S = 1800
+
+
+#: options that change how a forecast is computed, not what it is (batching and overlap
+#: change results by float rounding at most: bit for bit for the graph network on CPU)
+_NOT_IN_FINGERPRINT = ("progress", "out", "batch_starts", "overlap_writes")
 
 
 def forecast_fingerprint(options: ForecastOptions) -> str:
     """What identifies a forecast run: every option but ``out`` and ``progress``, the package
     version and the checkpoint's contents, not only its path (a retrained model at the same
     path makes another forecast, which must not be mixed into, or mistaken for, this one)."""
-    fields = {k: v for k, v in vars(options).items() if k not in ("progress", "out")}
+    fields = {k: v for k, v in vars(options).items() if k not in _NOT_IN_FINGERPRINT}
     text = (json.dumps(fields, sort_keys=True) + weathermodel.__version__
             + file_checksum(options.checkpoint)[0])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -134,95 +170,325 @@ def _initial_state(state: xr.DataArray, init: np.datetime64, history: int,
     return values[:, 0]
 
 
-def _health(state: torch.Tensor, model: Forecaster, limit: float) -> list[str]:
-    """Problems of the predicted channels of one step: NaN/inf, or values more than ``limit``
-    training std from the training mean (one device-to-host copy for all channels)."""
+def health_statistics(prediction: torch.Tensor, model: Forecaster) -> torch.Tensor:
+    """Health of the predicted channels of one step, computed on the device without a sync:
+    (start, 2, predicted channel) holding whether every value is finite (1.0 or 0.0) and the
+    largest distance from the training mean in training std, over members and grid.
+
+    prediction : (start, member, channel, lat, lon), physical units.
+    """
     index = model.output_channel_index
-    values = state[:, index]
-    finite = torch.isfinite(values).flatten(2).all(-1).all(0)
+    values = prediction[:, :, index]
+    finite = torch.isfinite(values).flatten(3).all(-1).all(1)
     z = ((torch.nan_to_num(values) - model.mean[:, index]) / model.std[:, index]).abs()
-    largest = z.flatten(2).amax(-1).amax(0)
-    finite, largest = finite.cpu().tolist(), largest.cpu().tolist()
+    largest = z.flatten(3).amax(-1).amax(1)
+    return torch.stack([finite.to(largest.dtype), largest], dim=1)
+
+
+def health_problems(statistics: np.ndarray, metadata: ModelMetadata, limit: float
+                    ) -> list[str]:
+    """The problems of one start date's step from its :func:`health_statistics` (2, predicted
+    channel): NaN/inf, or values more than ``limit`` training std from the training mean."""
     problems = []
-    for position, channel in enumerate(index.tolist()):
-        name = model.metadata.channels[channel]
-        if not finite[position]:
+    for position, channel in enumerate(metadata.role_index(conventions.PROGNOSTIC,
+                                                              conventions.DIAGNOSTIC)):
+        name = metadata.channels[channel]
+        if not statistics[0, position]:
             problems.append(f"{name}: NaN or inf")
-        elif largest[position] > limit:
-            problems.append(f"{name}: {largest[position]:.1f} std from the training mean")
+        elif statistics[1, position] > limit:
+            problems.append(f"{name}: {statistics[1, position]:.1f} std from the training mean")
     return problems
 
 
-def _forcing_channels_at(state: xr.DataArray, model: Forecaster, time: np.datetime64
-                         ) -> np.ndarray | None:
-    """The data's forcing channels (e.g. sea surface temperature) at ``time``
-    (channel, lat, lon), or None when the data does not reach that time (they are then
-    persisted from the last input)."""
+class ForcingCache:
+    """The computed forcings (TOA radiation, time encodings) on the device, computed once per
+    valid time and shared by every start date and member of a batch and by the ``history + 1``
+    consecutive steps whose windows hold that time."""
+
+    def __init__(self, latitude: np.ndarray, longitude: np.ndarray,
+                 device: torch.device) -> None:
+        self.latitude, self.longitude = np.asarray(latitude), np.asarray(longitude)
+        self.device = device
+        self.values: dict[np.datetime64, torch.Tensor] = {}
+
+    def at(self, times: np.ndarray) -> torch.Tensor:
+        """Forcings (len(times), forcing, lat, lon) at ``times`` (datetime64[ns])."""
+        times = np.asarray(times, dtype="datetime64[ns]")
+        new = np.array([t for t in np.unique(times) if t not in self.values],
+                       dtype="datetime64[ns]")
+        if new.size:
+            computed = torch.from_numpy(compute_forcings(new, self.latitude, self.longitude))
+            computed = computed.to(self.device)
+            self.values.update(zip(new, computed))
+        return torch.stack([self.values[t] for t in times])
+
+    def forget_before(self, time: np.datetime64) -> None:
+        """Drop the forcings of valid times before ``time`` (no window needs them again)."""
+        for key in [key for key in self.values if key < time]:
+            del self.values[key]
+
+
+def _forcing_channels_at(state: xr.DataArray, model: Forecaster, times: np.ndarray
+                         ) -> dict[np.datetime64, torch.Tensor]:
+    """The data's forcing channels (e.g. sea surface temperature) at those of ``times`` the
+    data reaches, each (channel, lat, lon) on the model's device; times beyond the data are
+    absent (their forcing channels are persisted from the last input). One read for all."""
     index = model.forcing_channel_index.tolist()
-    if not index or time not in state.indexes["time"]:
-        return None
-    return state.isel(channel=index).sel(time=time).values[0]
+    if not index:
+        return {}
+    present = [t for t in np.unique(times) if t in state.indexes["time"]]
+    if not present:
+        return {}
+    values = state.isel(channel=index).sel(time=present).values[:, 0]  # (time, channel, y, x)
+    device = model.forcing_channel_index.device
+    return dict(zip(present, torch.from_numpy(values).to(device)))
 
 
 def _predict(model: Forecaster, members: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
-    """One step of every member. The control (member 0) runs as a batch of one: CPU and GPU
-    kernels are not bit-identical across batch sizes (vectorised tails, GEMM blocking), and the
-    control must equal the deterministic forecast exactly."""
-    if members.shape[0] == 1:
-        return model(members, forcings)
-    return torch.cat([model(members[:1], forcings[:1]), model(members[1:], forcings[1:])])
+    """One step of every member of every start date, (start, member, channel, lat, lon).
+
+    The controls (member 0) of all start dates run as one batch of their own: CPU and GPU
+    kernels are not always bit-identical across batch sizes (vectorised tails, GEMM
+    blocking), and the control must equal the deterministic forecast of the same start
+    dates exactly.
+    """
+    starts, n_members = members.shape[:2]
+    if n_members == 1:
+        return model(members[:, 0], forcings[:, 0])[:, None]
+    control = model(members[:, 0], forcings[:, 0])
+    perturbed = model(members[:, 1:].flatten(0, 1), forcings[:, 1:].flatten(0, 1))
+    return torch.cat([control[:, None], perturbed.unflatten(0, (starts, n_members - 1))], 1)
 
 
-def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
-                 init: np.datetime64, index: int, n_leads: int, writer: out.LeadWriter,
-                 device: torch.device) -> list[dict[str, Any]]:
+def _initial_members(initial: np.ndarray, model: Forecaster, options: ForecastOptions,
+                     index: int, device: torch.device, init: np.datetime64 | None = None,
+                     analysis_at: Callable[[np.datetime64], np.ndarray] | None = None
+                     ) -> torch.Tensor:
+    """The ensemble's initial states (member, history, channel, lat, lon) of one start date
+    (``index``: its position in the run's start dates, which seeds its perturbations): member
+    0 is the control, the others add correlated random fields (or bred vectors, which need
+    ``init`` and ``analysis_at``), the same on every history state
+    (:mod:`weathermodel.inference.perturbations`)."""
+    settings = PerturbationSettings(
+        amplitude=options.perturbation, length_scale_km=options.perturbation_length_km,
+        scale=options.perturbation_scale, symmetric=options.perturbation_symmetric,
+        bred_cycles=options.perturbation_bred_cycles)
+    states = initial_members(model, initial, options.members, settings,
+                             seed=options.seed * 1_000_003 + index, init=init,
+                             analysis_at=analysis_at)
+    return torch.from_numpy(states).to(device)
+
+
+@dataclass
+class LeadBatch:
+    """One lead of a batch of start dates, as the rollout yields it (tensors on the device).
+
+    indices : the start dates' positions in the run's list of start dates.
+    lead : the lead's index (0 = one model step).
+    values : (start, member, channel, lat, lon), physical units; missing (NaN) where the
+        initial state was missing (the imputer's inverse), forcing channels taken from the
+        data where it reaches, persisted beyond.
+    health : (start, 2, predicted channel), see :func:`health_statistics`.
+    """
+
+    indices: list[int]
+    lead: int
+    values: torch.Tensor
+    health: torch.Tensor
+
+
+def rollout_starts(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
+                   inits: np.ndarray, indices: list[int], n_leads: int, device: torch.device,
+                   forcings: ForcingCache | None = None) -> Iterator[LeadBatch]:
+    """Roll a batch of start dates out together, one lead at a time: the one rollout of
+    ``weathermodel forecast`` and of :class:`weathermodel.inference.predictor.Predictor`.
+
+    Parameters
+    ----------
+    model : the forecaster, on ``device``, in eval mode.
+    options : members and perturbations (``members``, ``perturbation``, ``seed``, ...) and
+        ``data`` (named in errors).
+    state : (time, number, channel, lat, lon) checked initial conditions
+        (:mod:`weathermodel.inference.contract`).
+    inits : every start date of the run (datetime64[ns]).
+    indices : the positions in ``inits`` of this batch's start dates (they seed the
+        perturbations, so a start date's ensemble does not depend on its batch).
+    n_leads : model steps to roll out.
+    forcings : a cache of computed forcings shared between batches (default: a new one).
+
+    Yields
+    ------
+    LeadBatch : lead 0, 1, ... ``n_leads - 1``; memory does not grow with the lead.
+
+    Raises
+    ------
+    DataError : the data lacks a history state, or an initial value is missing or outside
+        the training range.
+    """
     metadata = model.metadata
     step = np.timedelta64(metadata.time_step_seconds, "s")
     history = model.history
-    initial = _initial_state(state, init, history, step, options.data)
-    check_value_ranges(initial, metadata, options.data, init)
-    members = torch.from_numpy(np.repeat(initial[None], options.members, axis=0)).to(device)
-    if options.members > 1:  # member 0 is the control; the others get IC perturbations
-        generator = torch.Generator().manual_seed(options.seed * 1_000_003 + index)
-        noise = torch.randn(members.shape, generator=generator).to(device)
-        noise[0] = 0
-        members = members + options.perturbation * noise * model.tendency_std.view(1, 1, -1, 1, 1)
-    lat, lon = np.asarray(metadata.latitude), np.asarray(metadata.longitude)
+    starts = np.asarray(inits)[indices].astype("datetime64[ns]")
+    members, missing = [], []
+    for index, init in zip(indices, starts):
+        initial = _initial_state(state, init, history, step, options.data)
+        check_value_ranges(initial, metadata, options.data, init)
+        members.append(_initial_members(initial, model, options, index, device, init,
+                                        lambda time: _initial_state(state, time, history, step,
+                                                                    options.data)))
+        missing.append(np.isnan(initial[-1]))
+    ensemble = torch.stack(members)  # (start, member, history, channel, lat, lon)
     # the imputer's inverse (Anemoi): outputs are missing where the initial state was
-    missing_at_start = torch.from_numpy(np.isnan(initial[-1]) & np.asarray(
-        metadata.channel_has_missing)[:, None, None]).to(device)
+    missing_at_start = torch.from_numpy(np.stack(missing) & np.asarray(
+        metadata.channel_has_missing)[:, None, None])[:, None].to(device)
+    forcings = forcings or ForcingCache(metadata.latitude, metadata.longitude, device)
     forcing_index = model.forcing_channel_index
-    report = []
+    window_offsets = np.arange(-history + 1, 2) * step
+    shape = (len(indices), history + 1)
     with torch.no_grad():
         for lead in range(n_leads):
-            times = init + (np.arange(-history + 1, 2) + lead) * step
-            forcings = torch.from_numpy(compute_forcings(times.astype("datetime64[ns]"), lat,
-                                                         lon)).to(device)
-            forcings = forcings[None].expand(options.members, -1, -1, -1, -1)
-            prediction = _predict(model, members, forcings)
-            observed = _forcing_channels_at(state, model, times[-1].astype("datetime64[ns]"))
-            if observed is not None:
-                prediction[:, forcing_index] = torch.from_numpy(observed).to(device)
-            problems = _health(prediction, model, options.health_std)
-            if problems:
-                entry = {"init": str(init), "lead_hours": (lead + 1) * metadata.time_step_seconds
-                         / 3600, "problems": problems}
-                report.append(entry)
-                if options.on_unhealthy == "stop":
-                    raise WeatherModelError(f"unhealthy rollout from {init} at lead "
-                                            f"{entry['lead_hours']:g} h: {problems}",
-                                            "inspect the model and inputs, or pass "
-                                            "--on-unhealthy flag to continue and flag",
-                                            path=options.out)
-            written = prediction.masked_fill(missing_at_start, float("nan"))
-            writer.write(index, lead, written.float().cpu().numpy())
-            members = torch.cat([members[:, 1:], prediction[:, None]], dim=1)
+            times = (starts[:, None] + window_offsets[None] + lead * step)  # (start, h + 1)
+            window = forcings.at(times.ravel()).unflatten(0, shape)
+            window = window[:, None].expand(-1, options.members, -1, -1, -1, -1)
+            prediction = _predict(model, ensemble, window)
+            observed = _forcing_channels_at(state, model, times[:, -1])
+            for position, valid in enumerate(times[:, -1]):
+                if valid in observed:
+                    prediction[position, :, forcing_index] = observed[valid]
+            yield LeadBatch(indices, lead,
+                            prediction.masked_fill(missing_at_start, float("nan")),
+                            health_statistics(prediction, model))
+            ensemble = torch.cat([ensemble[:, :, 1:], prediction[:, :, None]], dim=2)
+            forcings.forget_before(times.min())
+
+
+class BackgroundWriter:
+    """Hands each lead to ``consume`` on a background thread, so that writing overlaps the
+    next step; at most ``depth`` leads wait (memory stays bounded). With ``depth`` 0 leads
+    are consumed in the calling thread. An error of ``consume`` is raised in the caller at its
+    next :meth:`put` or at :meth:`close`.
+
+    The lead's tensors are copied to the host asynchronously (pinned memory on CUDA); the
+    background thread waits for the copy, so the rollout never synchronises with the device.
+    """
+
+    def __init__(self, consume: Callable[[LeadBatch], None], depth: int = 2) -> None:
+        self.consume, self.depth = consume, depth
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.thread = None
+        if depth > 0:
+            self.thread = threading.Thread(target=self._run, name="forecast-writer",
+                                           daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                lead, event = item
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    self.consume(lead)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+                    self.error = error
+
+    def put(self, lead: LeadBatch) -> None:
+        self._raise()
+        host = LeadBatch(lead.indices, lead.lead, _to_host(lead.values),
+                         _to_host(lead.health))
+        event = None
+        if lead.values.device.type == "cuda":  # marks the end of the copies to the host
+            event = torch.cuda.Event()
+            event.record()
+        if self.thread is None:
+            if event is not None:
+                event.synchronize()
+            self.consume(host)
+            return
+        self.queue.put((host, event))
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for every lead to be consumed; raise the first error of ``consume`` (unless
+        ``raise_error`` is False: the caller is already failing)."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host: itself on CPU, else an asynchronous copy into pinned memory."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
+                 init: np.datetime64, index: int, n_leads: int, writer: Any,
+                 device: torch.device) -> list[dict[str, Any]]:
+    """One start date rolled out by :func:`rollout_starts` (a batch of one), each lead handed
+    to ``writer.write(index, lead, values (member, channel, lat, lon))`` in the calling
+    thread; returns the health report (``options.on_unhealthy`` applies)."""
+    inits = np.full(index + 1, init, dtype="datetime64[ns]")
+    report: list[dict[str, Any]] = []
+    for lead in rollout_starts(model, options, state, inits, [index], n_leads, device):
+        report += health_report(lead.indices, lead.lead, lead.health.cpu().numpy(), inits,
+                                model.metadata, options)
+        writer.write(index, lead.lead, lead.values[0].float().cpu().numpy())
     return report
+
+
+def health_report(indices: list[int], lead: int, statistics: np.ndarray, inits: np.ndarray,
+                  metadata: ModelMetadata, options: ForecastOptions) -> list[dict[str, Any]]:
+    """The health report entries of one lead of a batch of start dates (``statistics``:
+    (start, 2, predicted channel) from :func:`health_statistics`).
+
+    Raises
+    ------
+    WeatherModelError : a problem, with ``options.on_unhealthy == "stop"``.
+    """
+    hours = (lead + 1) * metadata.time_step_seconds / 3600
+    entries = []
+    for position, index in enumerate(indices):
+        problems = health_problems(statistics[position], metadata, options.health_std)
+        if not problems:
+            continue
+        entries.append({"init": str(inits[index]), "lead_hours": hours, "problems": problems})
+        if options.on_unhealthy == "stop":
+            raise WeatherModelError(f"unhealthy rollout from {inits[index]} at lead {hours:g} "
+                                    f"h: {problems}", "inspect the model and inputs, or pass "
+                                    "--on-unhealthy flag to continue and flag",
+                                    path=options.out)
+    return entries
+
+
+def start_batches(n_inits: int, batch_starts: int, rank: int = 0, world: int = 1,
+                  done: set[int] = frozenset()) -> list[list[int]]:
+    """The batches of start-date positions a rank rolls out: consecutive groups of
+    ``batch_starts``, every ``world``-th group to each rank (the same groups whatever the
+    number of ranks), less the start dates already ``done``."""
+    groups = [list(range(first, min(first + batch_starts, n_inits)))
+              for first in range(0, n_inits, batch_starts)]
+    mine = [[i for i in group if i not in done] for number, group in enumerate(groups)
+            if number % world == rank]
+    return [group for group in mine if group]
 
 
 def forecast(options: ForecastOptions) -> Path:
     """Run the forecast; returns the output path (store or netCDF file)."""
-    rank, world, device = _distributed()
+    rank, world, device, fabric = _distributed()
     model = load_model(options.checkpoint).to(device).eval()
     metadata = model.metadata
     state = open_initial_conditions(options.data, metadata)
@@ -230,6 +496,8 @@ def forecast(options: ForecastOptions) -> Path:
     n_leads = lead_steps(options.lead, metadata.time_step_seconds)
     if options.members < 1:
         raise ConfigError("--members must be at least 1", "give 1 or more")
+    if options.batch_starts < 1:
+        raise ConfigError("--batch-starts must be at least 1", "give 1 or more")
     final = Path(options.out)
     store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
     fingerprint = forecast_fingerprint(options)
@@ -239,27 +507,25 @@ def forecast(options: ForecastOptions) -> Path:
         check_value_ranges(_initial_state(state, inits[0], model.history, step, options.data),
                            metadata, options.data, inits[0])
         _prepare_output(store, final, fingerprint, metadata, inits, n_leads, options)
-    if world > 1:
-        dist.barrier()
+    if fabric is not None:
+        fabric.barrier()
     if out.is_complete(store):  # the same command, already finished: nothing is rewritten
         if rank == 0 and options.output_format == "netcdf":
             _to_netcdf(store, final)
-        if world > 1:
-            dist.barrier()
+        if rank == 0 and options.output_format == "grib":
+            forecast_store_to_grib(store, final, remove_store=True)
+        if fabric is not None:
+            fabric.barrier()
         return final
-    existing = out.done_indices(store)
-    writer = out.LeadWriter(store, metadata, options.members)
-    mine = [i for i in range(inits.size) if i % world == rank and i not in existing]
-    report: list[dict[str, Any]] = []
-    for index in tqdm(mine, desc=f"forecast (rank {rank})", disable=not options.progress):
-        report += _rollout_one(model, options, state, inits[index], index, n_leads, writer,
-                               device)
-        out.mark_done(store, index)
+    batches = start_batches(inits.size, options.batch_starts, rank, world,
+                            out.done_indices(store))
+    report = _roll_out_and_write(model, options, state, inits, batches, n_leads, store, device,
+                                 rank)
     reports = [report]
-    if world > 1:
+    if fabric is not None:  # Fabric gathers tensors only: the reports are objects
         reports = [None] * world
         dist.all_gather_object(reports, report)
-        dist.barrier()
+        fabric.barrier()
     if rank == 0:
         missing = set(range(inits.size)) - out.done_indices(store)
         if missing:
@@ -269,9 +535,48 @@ def forecast(options: ForecastOptions) -> Path:
         out.finalise(store, [entry for part in reports for entry in part])
         if options.output_format == "netcdf":
             _to_netcdf(store, final)
-    if world > 1:
-        dist.barrier()
+        if options.output_format == "grib":
+            forecast_store_to_grib(store, final, remove_store=True)
+    if fabric is not None:
+        fabric.barrier()
     return final
+
+
+def _roll_out_and_write(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
+                        inits: np.ndarray, batches: list[list[int]], n_leads: int, store: Path,
+                        device: torch.device, rank: int) -> list[dict[str, Any]]:
+    """Roll out ``batches`` of start dates into ``store``: each lead is checked and written
+    on a background thread (``options.overlap_writes``) while the next one is computed, and a
+    start date is marked done once all its leads are written. Returns the health report."""
+    metadata = model.metadata
+    writer = out.LeadWriter(store, metadata, options.members)
+    report: list[dict[str, Any]] = []
+    bar = tqdm(total=sum(map(len, batches)), desc=f"forecast (rank {rank})",
+               disable=not options.progress)
+
+    def check_and_write(lead: LeadBatch) -> None:
+        report.extend(health_report(lead.indices, lead.lead, lead.health.numpy(), inits,
+                                    metadata, options))
+        writer.write_starts(lead.indices, lead.lead, lead.values.float().numpy())
+        if lead.lead == n_leads - 1:
+            for index in lead.indices:
+                out.mark_done(store, index)
+            bar.update(len(lead.indices))
+
+    background = BackgroundWriter(check_and_write, depth=2 if options.overlap_writes else 0)
+    forcings = ForcingCache(metadata.latitude, metadata.longitude, device)
+    try:
+        for batch in batches:
+            for lead in rollout_starts(model, options, state, inits, batch, n_leads, device,
+                                       forcings):
+                background.put(lead)
+    except BaseException:
+        background.close(raise_error=False)
+        raise
+    finally:
+        bar.close()
+    background.close()
+    return report
 
 
 def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits: np.ndarray,
@@ -285,7 +590,7 @@ def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits:
         # (only rank 0 runs this, before the other ranks pass the barrier and write)
         remove_partial_writes(store)
         return
-    if options.output_format == "netcdf" and final.exists():
+    if options.output_format != "zarr" and final.exists():
         raise WeatherModelError("the output file exists; it is left untouched",
                                 "choose another --out, or delete it", path=str(final))
     try:

@@ -54,6 +54,48 @@ def estimated_forecast_bytes(metadata: ModelMetadata, n_inits: int, n_leads: int
                for pairs in variable_layout(metadata).values())
 
 
+def _variable_attrs(metadata: ModelMetadata, name: str) -> dict[str, str]:
+    """CF attributes of a predicted variable (units, long name, standard name)."""
+    units = {v["name"]: v["units"] for v in metadata.variables}
+    info = cv.VARIABLES.get(name)
+    return {"units": units.get(name, ""), "long_name": name.replace("_", " "),
+            **({"standard_name": info.standard_name} if info and info.standard_name else {})}
+
+
+def forecast_coords(metadata: ModelMetadata, init_times: np.ndarray, leads: np.ndarray,
+                    n_members: int) -> dict[str, Any]:
+    """The coordinates of the WB2 forecast layout: ``time`` (initialisation),
+    ``prediction_timedelta`` (lead), ``valid_time = time + prediction_timedelta``, [``level``
+    (hPa)], ``latitude``, ``longitude`` and, for ensembles, ``number``; with CF attributes."""
+    init_times = np.asarray(init_times, dtype="datetime64[ns]")
+    leads = np.asarray(leads, dtype="timedelta64[ns]")
+    levels = all_levels(metadata)
+    coords: dict[str, Any] = {
+        "time": ("time", init_times, {"standard_name": "forecast_reference_time",
+                                      "long_name": "initialisation time"}),
+        "prediction_timedelta": ("prediction_timedelta", leads,
+                                 {"standard_name": "forecast_period", "long_name": "lead time"}),
+        "valid_time": (("time", "prediction_timedelta"),
+                       init_times[:, None] + leads[None, :], {"standard_name": "time"}),
+        "latitude": ("latitude", np.asarray(metadata.latitude),
+                     {"units": "degrees_north", "standard_name": "latitude"}),
+        "longitude": ("longitude", np.asarray(metadata.longitude),
+                      {"units": "degrees_east", "standard_name": "longitude"}),
+    }
+    if levels:
+        coords["level"] = ("level", np.asarray(levels), {"units": "hPa",
+                                                         "standard_name": "air_pressure",
+                                                         "positive": "down"})
+    if n_members > 1:
+        coords["number"] = ("number", np.arange(n_members), {"long_name": "ensemble member"})
+    return coords
+
+
+def _variable_dims(has_levels: bool, n_members: int) -> list[str]:
+    return (["time"] + (["number"] if n_members > 1 else []) + ["prediction_timedelta"]
+            + (["level"] if has_levels else []) + ["latitude", "longitude"])
+
+
 def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.ndarray,
                           n_leads: int, n_members: int, attrs: dict[str, Any]) -> None:
     """Write the empty store (metadata and coordinates only), after checking that the
@@ -62,40 +104,20 @@ def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.nd
                                                       n_members), "the forecast store")
     step = np.timedelta64(metadata.time_step_seconds, "s")
     leads = (np.arange(1, n_leads + 1) * step).astype("timedelta64[ns]")
-    levels = all_levels(metadata)
-    lat, lon = np.asarray(metadata.latitude), np.asarray(metadata.longitude)
-    units = {v["name"]: v["units"] for v in metadata.variables}
-    lead_dims = ["time"] + (["number"] if n_members > 1 else []) + ["prediction_timedelta"]
+    n_levels = len(all_levels(metadata))
+    n_lead_dims = 3 if n_members > 1 else 2
     data_vars, encoding = {}, {}
     for name, pairs in variable_layout(metadata).items():
         has_levels = not np.isnan(pairs[0][1])
-        dims = lead_dims + (["level"] if has_levels else []) + ["latitude", "longitude"]
         shape = [init_times.size] + ([n_members] if n_members > 1 else []) + [n_leads] + (
-            [len(levels)] if has_levels else []) + [lat.size, lon.size]
-        chunks = [1] * len(lead_dims) + shape[len(lead_dims):]
-        info = cv.VARIABLES.get(name)
-        data_vars[name] = (dims, da.full(shape, np.nan, dtype="float32", chunks=-1),
-                           {"units": units.get(name, ""), "long_name": name.replace("_", " "),
-                            **({"standard_name": info.standard_name}
-                               if info and info.standard_name else {})})
+            [n_levels] if has_levels else []) + [len(metadata.latitude), len(metadata.longitude)]
+        chunks = [1] * n_lead_dims + shape[n_lead_dims:]
+        data_vars[name] = (_variable_dims(has_levels, n_members),
+                           da.full(shape, np.nan, dtype="float32", chunks=-1),
+                           _variable_attrs(metadata, name))
         encoding[name] = {"chunks": tuple(chunks), "compressors": None}
-    coords: dict[str, Any] = {
-        "time": ("time", init_times, {"standard_name": "forecast_reference_time",
-                                      "long_name": "initialisation time"}),
-        "prediction_timedelta": ("prediction_timedelta", leads,
-                                 {"standard_name": "forecast_period", "long_name": "lead time"}),
-        "valid_time": (("time", "prediction_timedelta"),
-                       init_times[:, None] + leads[None, :], {"standard_name": "time"}),
-        "latitude": ("latitude", lat, {"units": "degrees_north", "standard_name": "latitude"}),
-        "longitude": ("longitude", lon, {"units": "degrees_east", "standard_name": "longitude"}),
-    }
-    if levels:
-        coords["level"] = ("level", np.asarray(levels), {"units": "hPa",
-                                                         "standard_name": "air_pressure",
-                                                         "positive": "down"})
-    if n_members > 1:
-        coords["number"] = ("number", np.arange(n_members), {"long_name": "ensemble member"})
-    dataset = xr.Dataset(data_vars, coords=coords,
+    dataset = xr.Dataset(data_vars, coords=forecast_coords(metadata, init_times, leads,
+                                                           n_members),
                          attrs={"Conventions": "CF-1.8", "weathermodel_forecast": attrs})
     for name in ("valid_time",):
         encoding[name] = {"units": "hours since 1970-01-01", "dtype": "int64"}
@@ -103,32 +125,74 @@ def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.nd
                     encoding=encoding)
 
 
+def split_variables(metadata: ModelMetadata, state: np.ndarray) -> dict[str, np.ndarray]:
+    """The predicted variables of ``state`` (..., channel, lat, lon): for each, an array
+    (..., [level,] lat, lon) with the store's level order (NaN at levels a variable lacks)."""
+    levels = all_levels(metadata)
+    values_of = {}
+    for name, pairs in variable_layout(metadata).items():
+        values = state[..., [index for index, _ in pairs], :, :]
+        if not np.isnan(pairs[0][1]):
+            full = np.full((*state.shape[:-3], len(levels), *state.shape[-2:]), np.nan,
+                           dtype=np.float32)
+            full[..., [levels.index(level) for _, level in pairs], :, :] = values
+            values = full
+        else:
+            values = values[..., 0, :, :]
+        values_of[name] = values
+    return values_of
+
+
+def lead_dataset(metadata: ModelMetadata, state: np.ndarray, init_times: np.ndarray,
+                 lead: np.timedelta64) -> xr.Dataset:
+    """One lead of several start dates as an in-memory dataset in the store's layout.
+
+    state : (start, member, channel, lat, lon) float32; the ``number`` dim is kept only for
+        more than one member, as in the store.
+    """
+    n_members = state.shape[1]
+    values = state if n_members > 1 else state[:, 0]
+    data_vars = {}
+    for name, array in split_variables(metadata, values).items():
+        array = np.expand_dims(array, 2 if n_members > 1 else 1)  # prediction_timedelta
+        has_levels = array.ndim == (6 if n_members > 1 else 5)
+        data_vars[name] = (_variable_dims(has_levels, n_members), array,
+                           _variable_attrs(metadata, name))
+    return xr.Dataset(data_vars, coords=forecast_coords(metadata, init_times,
+                                                        np.asarray([lead]), n_members),
+                      attrs={"Conventions": "CF-1.8"})
+
+
 class LeadWriter:
-    """Writes one lead (all channels, all members) of one start date into the store."""
+    """Writes one lead (all channels, all members) of start dates into the store."""
 
     def __init__(self, path: Path, metadata: ModelMetadata, n_members: int) -> None:
         group = zarr.open_group(str(path), mode="r+")
-        self.layout = variable_layout(metadata)
-        self.levels = all_levels(metadata)
-        self.arrays = {name: group[name] for name in self.layout}
+        self.metadata = metadata
+        self.arrays = {name: group[name] for name in variable_layout(metadata)}
         self.n_members = n_members
 
     def write(self, time_index: int, lead_index: int, state: np.ndarray) -> None:
         """state: (members, channel, lat, lon) float32."""
-        for name, pairs in self.layout.items():
-            channels = [index for index, _ in pairs]
-            values = state[:, channels]
-            if not np.isnan(pairs[0][1]):
-                full = np.full((state.shape[0], len(self.levels), *state.shape[2:]), np.nan,
-                               dtype=np.float32)
-                full[:, [self.levels.index(level) for _, level in pairs]] = values
-                values = full
-            else:
+        self.write_starts([time_index], lead_index, state[None])
+
+    def write_starts(self, time_indices: list[int], lead_index: int, state: np.ndarray) -> None:
+        """state: (start, members, channel, lat, lon) float32, for the start dates at
+        ``time_indices`` of the store; consecutive start dates are written in one call (zarr
+        writes their chunks concurrently)."""
+        values_of = split_variables(self.metadata, state)
+        runs = np.split(np.arange(len(time_indices)),
+                        np.flatnonzero(np.diff(time_indices) != 1) + 1)
+        for name, values in values_of.items():
+            if self.n_members == 1:
                 values = values[:, 0]
-            if self.n_members > 1:
-                self.arrays[name][time_index, :, lead_index] = values
-            else:
-                self.arrays[name][time_index, lead_index] = values[0]
+            for run in runs:
+                first = time_indices[run[0]]
+                where = slice(first, first + len(run))
+                if self.n_members > 1:
+                    self.arrays[name][where, :, lead_index] = values[run]
+                else:
+                    self.arrays[name][where, lead_index] = values[run]
 
 
 def progress_dir(path: Path) -> Path:

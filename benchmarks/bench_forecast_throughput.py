@@ -1,0 +1,130 @@
+"""Forecast throughput of the demo's forecast, old path vs new path, measured in one run.
+
+The demo's model (``checkpoints/ncep_graph_2013``) forecasts from the demo's store (the
+shipped NCEP sample prepared as ``weathermodel demo`` does; built under ``outputs/`` when
+missing). Two settings of the same code, through :class:`ForecastOptions`:
+
+* ``old``: one start date per batch, each lead written in the rolling thread (what
+  ``weathermodel forecast`` did before batching and background writes);
+* ``new``: the defaults (``batch_starts`` start dates per batch, writes on a background
+  thread overlapping the next step; computed forcings once per valid time on the device;
+  health statistics without a sync per channel, in both).
+
+Each forecast runs in a fresh process (peak RSS from VmHWM), old and new interleaved,
+``--repeats`` times; it prints the median steps/s (start dates x leads / seconds of the
+``forecast`` call) of each and their ratio, then the peak memory of each at two lead counts to
+show that memory stays flat in lead time.
+
+    .venv/bin/python benchmarks/bench_forecast_throughput.py [--starts 16] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+CHECKPOINT = PROJECT / "checkpoints" / "ncep_graph_2013" / "model.pt"
+
+_CHILD = """
+import json, sys, time
+import torch
+from weathermodel.inference.forecast import ForecastOptions, forecast
+checkpoint, data, init, lead, out, batch, overlap = sys.argv[1:8]
+options = ForecastOptions(checkpoint=checkpoint, data=data, init=init, lead=lead, out=out,
+                          progress=False, batch_starts=int(batch), overlap_writes=overlap == "1")
+begin = time.perf_counter()
+forecast(options)
+seconds = time.perf_counter() - begin
+with open("/proc/self/status") as status:
+    peak_kib = int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+print(json.dumps({"peak_kib": peak_kib, "seconds": seconds,
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+
+def demo_store(out_dir: Path) -> Path:
+    """The demo's training store (``weathermodel demo`` stage 1), reused when complete."""
+    from weathermodel.demo import prepare_store
+
+    return Path(prepare_store(out_dir, progress=False))
+
+
+def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".progress"), ignore_errors=True)
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(CHECKPOINT), str(store), init,
+                             lead, str(out), batch, overlap], capture_output=True, text=True,
+                            env={**os.environ})
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--starts", type=int, default=16, help="start dates (12-hourly from "
+                        "2013-10-01, as the demo's)")
+    parser.add_argument("--lead", default="5d", help="forecast length (the demo's: 5d)")
+    parser.add_argument("--batch-starts", type=int, default=None,
+                        help="start dates per batch of the new path (default: the default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-leads", default="1d,10d",
+                        help="two lead counts whose peak memory is compared")
+    parser.add_argument("--out-dir", default=str(PROJECT / "outputs" / "bench_forecast"))
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out_dir = Path(args.out_dir)
+    os.environ.setdefault("WEATHERMODEL_CACHE", str(out_dir / "cache"))
+    store = demo_store(out_dir)
+    from weathermodel.inference.forecast import ForecastOptions, lead_steps
+
+    batch = str(args.batch_starts or ForecastOptions.batch_starts)
+    modes = {"old": ("1", "0"), "new": (batch, "1")}
+    last = f"2013-10-01T00 + {args.starts - 1} x 12h"
+    import numpy as np
+
+    end = np.datetime64("2013-10-01T00") + np.timedelta64(12 * (args.starts - 1), "h")
+    init = f"2013-10-01T00/{str(end)[:13]}/12h"
+    steps = args.starts * lead_steps(args.lead, 6 * 3600)
+    print(f"demo forecast: {CHECKPOINT.parent.name}, store {store}, {args.starts} start dates "
+          f"({last}) x {args.lead} = {steps} model steps; OMP_NUM_THREADS="
+          f"{os.environ['OMP_NUM_THREADS']}; new path: batch_starts={batch}, background writes")
+    rates: dict[str, list[float]] = {name: [] for name in modes}
+    peaks: dict[str, list[float]] = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        run_child(store, init.split("/")[0], "6h", Path(tmp) / "warm.zarr", "1", "0")  # cache
+        for repeat in range(args.repeats):
+            for name, (batch_starts, overlap) in modes.items():
+                result = run_child(store, init, args.lead, Path(tmp) / f"{name}.zarr",
+                                   batch_starts, overlap)
+                rates[name].append(steps / result["seconds"])
+                peaks[name].append(result["peak_kib"] / 1024)
+                print(f"  repeat {repeat + 1} {name}: {result['seconds']:.2f} s, "
+                      f"{rates[name][-1]:.1f} steps/s, peak RSS {peaks[name][-1]:.0f} MiB",
+                      flush=True)
+        median = {name: statistics.median(values) for name, values in rates.items()}
+        print(f"old (batch 1, no overlap): median {median['old']:.1f} steps/s")
+        print(f"new (batch {batch}, overlap): median {median['new']:.1f} steps/s")
+        print(f"RATIO forecast_steps_per_s_new_vs_old {median['new'] / median['old']:.2f}")
+        short, long = args.memory_leads.split(",")
+        for name, (batch_starts, overlap) in modes.items():
+            memory = [run_child(store, init, lead, Path(tmp) / f"m{name}.zarr", batch_starts,
+                                overlap)["peak_kib"] / 1024 for lead in (short, long)]
+            print(f"{name}: peak RSS {memory[0]:.0f} MiB at {short}, {memory[1]:.0f} MiB at "
+                  f"{long}")
+            print(f"RATIO forecast_peak_rss_{long}_vs_{short}_{name} "
+                  f"{memory[1] / memory[0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
