@@ -170,6 +170,26 @@ def test_crps_training_from_a_deterministic_model(store, tmp_path, monkeypatch) 
         first, second = stochastic(states, forcings), stochastic(states, forcings)
     assert float((first - second).abs().max()) > 0  # the noise weights learned something
 
+    # forecast --members samples the model: no initial perturbation, reproducible by seed
+    from weathermodel.inference.forecast import ForecastOptions, forecast
+
+    model_path = list_checkpoints(tmp_path / "crps")[-1][1]
+
+    def members(seed: int, name: str) -> np.ndarray:
+        import xarray as xr
+
+        out = forecast(ForecastOptions(
+            checkpoint=str(model_path), data=str(store), init="2013-02-10T00/2013-02-11T00/12h",
+            lead="12h", out=str(tmp_path / name), members=3, seed=seed, progress=False))
+        with xr.open_zarr(out) as opened:
+            return opened["2m_temperature"].transpose("number", ...).values
+
+    once, again, other = members(0, "a.zarr"), members(0, "b.zarr"), members(1, "c.zarr")
+    np.testing.assert_array_equal(once, again)
+    assert np.abs(once - other).max() > 0
+    spread = once.std(axis=0)
+    assert spread.min() > 0  # every member differs, the control included
+
 
 def test_checkpoint_records_that_a_model_is_stochastic(tmp_path) -> None:
     from weathermodel.models.io import load_model, read_payload, save_model

@@ -177,7 +177,9 @@ def _perturbation_options(args: argparse.Namespace) -> dict[str, Any]:
              "bred_cycles": args.perturbation_bred_cycles}
     chosen = {**vars(settings), **{k: v for k, v in flags.items() if v is not None}}
     settings = PerturbationSettings(**chosen)  # checks the values before anything runs
-    return {"perturbation": settings.amplitude,
+    explicit = args.perturbation is not None or args.perturbation_file
+    # none given: ForecastOptions' default (0.1, or 0 for a stochastic model)
+    return {"perturbation": settings.amplitude if explicit else None,
             "perturbation_length_km": settings.length_scale_km,
             "perturbation_scale": settings.scale,
             "perturbation_symmetric": settings.symmetric,

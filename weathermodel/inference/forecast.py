@@ -44,7 +44,8 @@ from weathermodel.errors import ConfigError, DataError, WeatherModelError
 from weathermodel.inference import output as out
 from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
 from weathermodel.inference.grib import forecast_store_to_grib
-from weathermodel.inference.perturbations import PerturbationSettings, initial_members
+from weathermodel.inference.perturbations import (DEFAULT_PERTURBATION, PerturbationSettings,
+                                                   initial_members)
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
 from weathermodel.models.io import load_model
 
@@ -60,7 +61,9 @@ class ForecastOptions:
     out: str
     output_format: str = "zarr"
     members: int = 1
-    perturbation: float = 0.1
+    #: initial perturbation amplitude (tendency stds); None: 0.1 for a deterministic model, 0
+    #: for a stochastic (CRPS-trained) one, whose members come from its own noise
+    perturbation: float | None = None
     perturbation_length_km: float | None = None
     perturbation_scale: str = "tendency_std"
     perturbation_symmetric: bool = False
@@ -268,9 +271,13 @@ def _initial_members(initial: np.ndarray, model: Forecaster, options: ForecastOp
     (``index``: its position in the run's start dates, which seeds its perturbations): member
     0 is the control, the others add correlated random fields (or bred vectors, which need
     ``init`` and ``analysis_at``), the same on every history state
-    (:mod:`weathermodel.inference.perturbations`)."""
+    (:mod:`weathermodel.inference.perturbations`). A stochastic model's members are not
+    perturbed unless ``options.perturbation`` asks for it: they differ by the model's noise."""
+    amplitude = options.perturbation
+    if amplitude is None:
+        amplitude = 0.0 if model.is_stochastic else DEFAULT_PERTURBATION
     settings = PerturbationSettings(
-        amplitude=options.perturbation, length_scale_km=options.perturbation_length_km,
+        amplitude=amplitude, length_scale_km=options.perturbation_length_km,
         scale=options.perturbation_scale, symmetric=options.perturbation_symmetric,
         bred_cycles=options.perturbation_bred_cycles)
     states = initial_members(model, initial, options.members, settings,
@@ -338,6 +345,8 @@ def rollout_starts(model: Forecaster, options: ForecastOptions, state: xr.DataAr
                                                                     options.data)))
         missing.append(np.isnan(initial[-1]))
     ensemble = torch.stack(members)  # (start, member, history, channel, lat, lon)
+    if model.is_stochastic:  # the model's noise: reproducible per batch of start dates
+        torch.manual_seed(options.seed * 1_000_003 + indices[0])
     # the imputer's inverse (Anemoi): outputs are missing where the initial state was
     missing_at_start = torch.from_numpy(np.stack(missing) & np.asarray(
         metadata.channel_has_missing)[:, None, None])[:, None].to(device)

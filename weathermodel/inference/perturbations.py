@@ -47,6 +47,10 @@ _MAX_TABLE_ENTRIES = 50_000_000
 SCALES = ("tendency_std", "std")
 
 
+#: perturbation amplitude of a deterministic model's ensemble when none is given (tendency stds)
+DEFAULT_PERTURBATION = 0.1
+
+
 @dataclass
 class PerturbationSettings:
     """How initial conditions are perturbed (``weathermodel forecast --perturbation...``).
@@ -66,7 +70,7 @@ class PerturbationSettings:
     bred_steps : model steps per breeding cycle.
     """
 
-    amplitude: float = 0.1
+    amplitude: float = DEFAULT_PERTURBATION
     length_scale_km: float | None = None
     scale: str = "tendency_std"
     channel_factors: dict[str, float] = field(default_factory=dict)

@@ -147,7 +147,7 @@ class Predictor:
         return np.asarray(starts, dtype="datetime64[ns]")
 
     def iter_predict(self, initial_conditions: xr.Dataset, lead: str = "5d", members: int = 1,
-                     perturbation: float = 0.1, seed: int = 0, on_unhealthy: str = "flag",
+                     perturbation: float | None = None, seed: int = 0, on_unhealthy: str = "flag",
                      start_times: Any = None) -> Iterator[xr.Dataset]:
         """The forecast one lead at a time (memory flat in lead time): a dataset per model
         step, each with ``prediction_timedelta`` of length one; see :meth:`predict`."""
@@ -156,7 +156,7 @@ class Predictor:
                                  perturbation, seed, on_unhealthy, start_times)
 
     def _iterate(self, initial_conditions: xr.Dataset, n_leads: int, members: int = 1,
-                 perturbation: float = 0.1, seed: int = 0, on_unhealthy: str = "flag",
+                 perturbation: float | None = None, seed: int = 0, on_unhealthy: str = "flag",
                  start_times: Any = None) -> Iterator[xr.Dataset]:
         """:meth:`iter_predict` for ``n_leads`` model steps (computed as they are asked for,
         so an unbounded ``n_leads`` is fine)."""
@@ -182,7 +182,7 @@ class Predictor:
             yield dataset
 
     def predict(self, initial_conditions: xr.Dataset, lead: str = "5d", members: int = 1,
-                perturbation: float = 0.1, seed: int = 0, on_unhealthy: str = "flag",
+                perturbation: float | None = None, seed: int = 0, on_unhealthy: str = "flag",
                 start_times: Any = None) -> xr.Dataset:
         """Forecast from every start date of ``initial_conditions``.
 
@@ -192,10 +192,11 @@ class Predictor:
             ``longitude``), SI units as the checkpoint's, ``history`` or more states at the
             model's time step (see :attr:`input_coords`).
         lead : forecast length, a multiple of the model's time step (``"5d"``, ``"120h"``).
-        members : ensemble size; member 0 is the unperturbed control.
+        members : ensemble size; member 0 is the unperturbed control of a deterministic
+            model; every member of a stochastic (CRPS-trained) model is a sample of it.
         perturbation, seed : initial perturbations of the other members (as ``weathermodel
             forecast --perturbation --seed``; the i-th start date is seeded as the CLI's
-            i-th).
+            i-th); None: 0.1 tendency stds, or none for a stochastic model.
         on_unhealthy : ``"flag"`` records NaN/inf or values far outside the training range
             in the attribute ``weathermodel_health`` (JSON); ``"stop"`` raises.
         start_times : the start dates (datetime64 or ISO strings; default: every time of
