@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv-bench: an environment holding our package next to NVIDIA PhysicsNeMo's GraphCastNet,
-# for benchmarks/bench_graph_vs_physicsnemo.py. CPU only: torch is pinned by constraints-cpu.txt
+# Creates .venv-bench: an environment holding our package next to NVIDIA PhysicsNeMo's GraphCastNet
+# and ECMWF Anemoi's graph models, for benchmarks/bench_graph_vs_physicsnemo.py and
+# benchmarks/bench_graph_vs_anemoi.py. CPU only: torch is pinned by constraints-cpu.txt
 # (torch==2.13.0, whose CPU wheel lies on the build machines' disk) on every pip call, so pip never
 # pulls a CUDA torch. PhysicsNeMo's GraphCastNet runs on its PyG backend here (torch-geometric,
 # scikit-learn for its graph builder, torch-scatter/torch-sparse from the prebuilt CPU wheels in
@@ -11,6 +12,10 @@
 # `import torchvision` fails with "operator torchvision::nms does not exist". GraphCastNet never
 # calls torchvision; bench_graph_vs_physicsnemo.py declares the two missing operator schemas
 # before importing PhysicsNeMo (see import_graphcastnet there). torch itself is never replaced.
+#
+# Anemoi: anemoi-models and anemoi-graphs releases cap torch below 2.11 but run on 2.13, so they are
+# installed with --no-deps, and beside them only the pure-Python packages that their imports need
+# (anemoi-utils, also --no-deps: its anemoi-transform extra pulls earthkit; pydantic, rich, ...).
 #
 # Idempotent: rerunning skips what is installed at the right version.
 #
@@ -23,6 +28,8 @@ VENV="${VENV_BENCH:-$ROOT/.venv-bench}"
 CONSTRAINTS="$ROOT/constraints-cpu.txt"
 WHEELS="${WHEELS_DIR:-$ROOT/../shared/wheels}"
 PHYSICSNEMO_VERSION="2.2.2"
+ANEMOI_MODELS_VERSION="0.19.0"
+ANEMOI_GRAPHS_VERSION="0.9.8"
 source "$ROOT/benchmarks/_peer_venv.sh"
 
 echo "== torch 2.13.0 (CPU, pinned by $CONSTRAINTS)"
@@ -51,6 +58,18 @@ else
     "${PIP[@]}" --no-deps "${wheels[@]}"
 fi
 
+echo "== anemoi-models==$ANEMOI_MODELS_VERSION, anemoi-graphs==$ANEMOI_GRAPHS_VERSION (--no-deps)"
+if have anemoi-models "$ANEMOI_MODELS_VERSION" && have anemoi-graphs "$ANEMOI_GRAPHS_VERSION" \
+        && have anemoi-utils && have pydantic-settings; then
+    echo "   already installed"
+else
+    "${PIP[@]}" --no-deps "anemoi-models==$ANEMOI_MODELS_VERSION" \
+        "anemoi-graphs==$ANEMOI_GRAPHS_VERSION" anemoi-utils
+    # what their imports need (torch-geometric, scipy, hydra-core come with PhysicsNeMo above)
+    "${PIP[@]}" einops networkx typeguard aniso8601 deprecation entrypoints multiurl peekle \
+        "pydantic>=2.9" "pydantic-settings>=2.14.1" rich pyyaml tqdm filelock
+fi
+
 echo "== weathermodel (editable, no extras)"
 if have weathermodel; then echo "   already installed"; else "${PIP[@]}" -e "$ROOT"; fi
 
@@ -70,15 +89,18 @@ sys.path.insert(0, sys.argv[1])
 from bench_graph_vs_physicsnemo import import_graphcastnet
 
 import_graphcastnet()
+from anemoi.models.layers.mapper import GraphTransformerForwardMapper  # noqa: F401
+from anemoi.models.layers.processor import GNNProcessor  # noqa: F401
 import weathermodel
 
 print(f"   weathermodel from {weathermodel.__file__}")
 
 for name in ("torch", "nvidia-physicsnemo", "torch-geometric", "torch-scatter", "torch-sparse",
-             "scikit-learn", "scipy", "numpy", "torchvision", "dgl", "weathermodel"):
+             "scikit-learn", "scipy", "numpy", "torchvision", "dgl", "anemoi-models",
+             "anemoi-graphs", "anemoi-utils", "weathermodel"):
     try:
         print(f"   {name:20s} {md.version(name)}")
     except md.PackageNotFoundError:
         print(f"   {name:20s} not installed")
 PYEOF
-echo "ready: $VENV/bin/python benchmarks/bench_graph_vs_physicsnemo.py"
+echo "ready: $VENV/bin/python benchmarks/bench_graph_vs_physicsnemo.py (or bench_graph_vs_anemoi.py)"

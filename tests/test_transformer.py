@@ -167,3 +167,53 @@ def test_state_dict_round_trip(window: int) -> None:
     x, lead = inputs()
     with torch.no_grad():
         assert torch.equal(model(x, lead), fresh(x, lead))
+
+
+def uncached_window_attention(attention, x: torch.Tensor) -> torch.Tensor:
+    """The window attention as first written: the mask built from scratch for the call and
+    repeated for every sample, softmax written out."""
+    from einops import rearrange
+
+    batch, n_lat, n_lon, _ = x.shape
+    window, heads = attention.window, attention.num_heads
+    qkv = attention._pad_and_roll(attention.qkv(x), n_lat, n_lon)
+    padded_lat = qkv.shape[1]
+    q, k, v = rearrange(qkv, "b (nh p) (nw q) (three n e) -> three (b nh nw) n (p q) e",
+                        p=window, q=window, three=3, n=heads)
+    valid = attention._pad_and_roll(torch.ones(n_lat, n_lon, 1, dtype=torch.bool), n_lat, n_lon)
+    valid = rearrange(valid, "(nh p) (nw q) 1 -> (nh nw) (p q)", p=window, q=window)
+    mask = attention.relative_position_bias()[None].masked_fill(~valid[:, None, None, :],
+                                                                float("-inf"))
+    mask = mask.repeat(batch, 1, 1, 1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask
+    out = torch.softmax(scores, dim=-1) @ v
+    out = rearrange(out, "(b nh nw) n (p q) e -> b (nh p) (nw q) (n e)", b=batch,
+                    nh=padded_lat // window, p=window, q=window)
+    if attention.shift and attention.periodic_longitude:
+        out = torch.roll(out, attention.shift, dims=2)
+    west = attention._pad_west
+    return attention.proj(out[:, attention.shift:attention.shift + n_lat, west:west + n_lon])
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_window_mask_is_cached_per_shape_and_equals_the_uncached_path(periodic: bool) -> None:
+    torch.manual_seed(0)
+    model = WeatherTransformer(tiny_config(4), IN_CHANNELS, OUT_CHANNELS, 25, 52,
+                               periodic_longitude=periodic)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    for block in model.blocks:  # an unshifted and a shifted block
+        attention = block.attention
+        tokens = torch.randn(3, 13, 26, 16, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            fast = attention(tokens)
+            again = attention(tokens[:1])  # another batch size: the same cached mask
+        torch.testing.assert_close(fast, uncached_window_attention(attention, tokens),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, fast[:1], rtol=1e-5, atol=1e-6)
+        assert len(attention._padding_masks) == 1  # built once for this shape
+        (mask,) = attention._padding_masks.values()
+        assert mask.shape[1:3] == (1, 1)  # per window only: broadcast over heads and batch
+        attention(torch.randn(1, 9, 26, 16))  # a new shape gets its own mask
+        assert len(attention._padding_masks) == 2

@@ -28,9 +28,11 @@ class GraphConfig:
         ``icosahedron_edge`` (every set divided by the longest multi-mesh edge: grid <-> mesh
         features ~0.02 at refinement 5; only for models trained before that was fixed).
     processor : ``gnn`` (interaction networks that update node and edge latents, GraphCast) or
-        ``transformer`` (graph transformer, Anemoi's ``GraphTransformerProcessor``: multi-head
-        attention of each mesh node over its multi-mesh senders, keys and values shifted by a
-        projection of the edge features, softmax per receiver, then an MLP).
+        ``transformer`` (graph transformer, as Anemoi's: multi-head attention of each mesh node
+        over its multi-mesh senders, keys and values shifted by a projection of the edge
+        features, softmax per receiver, then an MLP; the encoder and decoder attend the same
+        way from grid to mesh and back, nodes are embedded linearly and the output is read by
+        LayerNorm + linear).
     attention_heads : heads of the ``transformer`` processor (``latent_size`` must be a
         multiple).
     edge_chunks : the encoder's and decoder's edges (and the ``transformer`` processor's) are

@@ -225,6 +225,7 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias = RelativePositionBias(window, num_heads)
+        self._padding_masks: dict[tuple, torch.Tensor] = {}
 
     @property
     def _pad_west(self) -> int:
@@ -241,29 +242,51 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, -self.shift, dims=-2)
         return x
 
+    def _padding_mask(self, n_lat: int, n_lon: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+        """Additive mask ``(windows, 1, 1, L)``: 0 for real keys, ``-inf`` for padded ones.
+
+        It depends only on the grid's shape, so it is built once per shape, dtype and device
+        and cached (not saved: a plain attribute, rebuilt on demand).
+        """
+        key = (n_lat, n_lon, dtype, device)
+        cached = self._padding_masks.get(key)
+        if cached is None:
+            valid = torch.ones(n_lat, n_lon, 1, dtype=torch.bool, device=device)
+            valid = self._pad_and_roll(valid, n_lat, n_lon)
+            valid = rearrange(valid, "(nh p) (nw q) 1 -> (nh nw) 1 1 (p q)",
+                              p=self.window, q=self.window)
+            cached = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(
+                ~valid, float("-inf"))
+            self._padding_masks[key] = cached
+        return cached
+
     def _attention_mask(self, n_lat: int, n_lon: int, dtype: torch.dtype,
                         device: torch.device) -> torch.Tensor:
-        """Additive mask ``(windows, heads, L, L)``: relative bias, ``-inf`` for padded keys."""
-        valid = torch.ones(n_lat, n_lon, 1, dtype=torch.bool, device=device)
-        valid = self._pad_and_roll(valid, n_lat, n_lon)
-        valid = rearrange(valid, "(nh p) (nw q) 1 -> (nh nw) (p q)",
-                          p=self.window, q=self.window)
-        bias = self.relative_position_bias()  # (heads, L, L)
-        mask = bias[None].masked_fill(~valid[:, None, None, :], float("-inf"))
-        return mask.to(dtype)
+        """Additive mask ``(windows, heads, L, L)``: relative bias, ``-inf`` for padded keys.
+
+        The bias is a parameter, so it is added to the cached padding mask at every call.
+        """
+        bias = self.relative_position_bias().to(dtype)  # (heads, L, L)
+        return bias[None] + self._padding_mask(n_lat, n_lon, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, lat_patches, lon_patches, dim)`` -> same shape."""
+        """``(batch, lat_patches, lon_patches, dim)`` -> same shape.
+
+        Windows and heads share one axis, ``(batch, windows * heads, L, head_dim)``, so that the
+        ``(1, windows * heads, L, L)`` mask broadcasts over the batch (never repeated per
+        sample) and ``scaled_dot_product_attention`` gets the 4-D inputs its fused kernels take.
+        """
         batch, n_lat, n_lon, _ = x.shape
         qkv = self._pad_and_roll(self.qkv(x), n_lat, n_lon)
         padded_lat = qkv.shape[1]
-        q, k, v = rearrange(qkv, "b (nh p) (nw q) (three n e) -> three (b nh nw) n (p q) e",
+        q, k, v = rearrange(qkv, "b (nh p) (nw q) (three n e) -> three b (nh nw n) (p q) e",
                             p=self.window, q=self.window, three=3, n=self.num_heads)
         mask = self._attention_mask(n_lat, n_lon, q.dtype, q.device)
-        mask = mask.repeat(batch, 1, 1, 1)  # windows of every sample, batch-major
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = rearrange(out, "(b nh nw) n (p q) e -> b (nh p) (nw q) (n e)", b=batch,
-                        nh=padded_lat // self.window, p=self.window, q=self.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.flatten(0, 1)[None])
+        out = rearrange(out, "b (nh nw n) (p q) e -> b (nh p) (nw q) (n e)",
+                        nh=padded_lat // self.window, n=self.num_heads, p=self.window,
+                        q=self.window)
         if self.shift and self.periodic_longitude:
             out = torch.roll(out, self.shift, dims=2)
         west = self._pad_west
