@@ -10,6 +10,11 @@ missing). Two settings of the same code, through :class:`ForecastOptions`:
   thread overlapping the next step; computed forcings once per valid time on the device;
   health statistics without a sync per channel, in both).
 
+With ``--reference-revision REV`` (e.g. the commit before the forecast and graph-network
+speed work), a third variant ``reference`` runs the same forecast with the package as it was at
+that revision (a temporary ``git worktree``, first on ``PYTHONPATH``), so the speed-up of all
+changes together (forecast loop and network) is measured in the same run.
+
 Each forecast runs in a fresh process (peak RSS from VmHWM), old and new interleaved,
 ``--repeats`` times; it prints the median steps/s (start dates x leads / seconds of the
 ``forecast`` call) of each and their ratio, then the peak memory of each at two lead counts to
@@ -37,8 +42,10 @@ import json, sys, time
 import torch
 from weathermodel.inference.forecast import ForecastOptions, forecast
 checkpoint, data, init, lead, out, batch, overlap = sys.argv[1:8]
+speed = {} if batch == "reference" else {"batch_starts": int(batch),
+                                         "overlap_writes": overlap == "1"}
 options = ForecastOptions(checkpoint=checkpoint, data=data, init=init, lead=lead, out=out,
-                          progress=False, batch_starts=int(batch), overlap_writes=overlap == "1")
+                          progress=False, **speed)
 begin = time.perf_counter()
 forecast(options)
 seconds = time.perf_counter() - begin
@@ -57,12 +64,17 @@ def demo_store(out_dir: Path) -> Path:
     return Path(prepare_store(out_dir, progress=False))
 
 
-def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap: str) -> dict:
+def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap: str,
+              package_root: Path | None = None) -> dict:
+    """One forecast in a fresh process; ``package_root``: import weathermodel from there."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".progress"), ignore_errors=True)
+    env = dict(os.environ)
+    if package_root is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", _CHILD, str(CHECKPOINT), str(store), init,
                              lead, str(out), batch, overlap], capture_output=True, text=True,
-                            env={**os.environ})
+                            env=env)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     shutil.rmtree(out, ignore_errors=True)
@@ -81,6 +93,9 @@ def main() -> None:
     parser.add_argument("--memory-leads", default="1d,10d",
                         help="two lead counts whose peak memory is compared")
     parser.add_argument("--out-dir", default=str(PROJECT / "outputs" / "bench_forecast"))
+    parser.add_argument("--reference-revision", default=None,
+                        help="also time the package at this git revision (all speed changes "
+                        "since then together)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out_dir = Path(args.out_dir)
@@ -90,6 +105,16 @@ def main() -> None:
 
     batch = str(args.batch_starts or ForecastOptions.batch_starts)
     modes = {"old": ("1", "0"), "new": (batch, "1")}
+    roots: dict[str, Path | None] = {name: None for name in modes}
+    if args.reference_revision:
+        reference_tree = out_dir / "reference_tree"
+        subprocess.run(["git", "-C", str(PROJECT), "worktree", "remove", "--force",
+                        str(reference_tree)], capture_output=True)
+        subprocess.run(["git", "-C", str(PROJECT), "worktree", "add", "--detach",
+                        str(reference_tree), args.reference_revision], check=True,
+                       capture_output=True)
+        modes["reference"] = ("reference", "0")
+        roots["reference"] = reference_tree
     last = f"2013-10-01T00 + {args.starts - 1} x 12h"
     import numpy as np
 
@@ -106,7 +131,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, (batch_starts, overlap) in modes.items():
                 result = run_child(store, init, args.lead, Path(tmp) / f"{name}.zarr",
-                                   batch_starts, overlap)
+                                   batch_starts, overlap, roots[name])
                 rates[name].append(steps / result["seconds"])
                 peaks[name].append(result["peak_kib"] / 1024)
                 print(f"  repeat {repeat + 1} {name}: {result['seconds']:.2f} s, "
@@ -116,10 +141,16 @@ def main() -> None:
         print(f"old (batch 1, no overlap): median {median['old']:.1f} steps/s")
         print(f"new (batch {batch}, overlap): median {median['new']:.1f} steps/s")
         print(f"RATIO forecast_steps_per_s_new_vs_old {median['new'] / median['old']:.2f}")
+        if "reference" in median:
+            print(f"reference ({args.reference_revision}): median "
+                  f"{median['reference']:.1f} steps/s")
+            print(f"RATIO forecast_steps_per_s_new_vs_{args.reference_revision} "
+                  f"{median['new'] / median['reference']:.2f}")
         short, long = args.memory_leads.split(",")
         for name, (batch_starts, overlap) in modes.items():
             memory = [run_child(store, init, lead, Path(tmp) / f"m{name}.zarr", batch_starts,
-                                overlap)["peak_kib"] / 1024 for lead in (short, long)]
+                                overlap, roots[name])["peak_kib"] / 1024
+                      for lead in (short, long)]
             print(f"{name}: peak RSS {memory[0]:.0f} MiB at {short}, {memory[1]:.0f} MiB at "
                   f"{long}")
             print(f"RATIO forecast_peak_rss_{long}_vs_{short}_{name} "
