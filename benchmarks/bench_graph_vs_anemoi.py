@@ -49,7 +49,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,8 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_graph_vs_physicsnemo import Trainer, grid_shape, n_params, proc_status_kib  # noqa: E402
+from bench_graph_vs_physicsnemo import (Trainer, grid_shape, measure_in_child,  # noqa: E402
+                                        n_params, proc_status_kib)
 
 PEER_MISSING = ("peer not installed: run benchmarks/setup_peer_env.sh, then "
                 ".venv-bench/bin/python benchmarks/bench_graph_vs_anemoi.py")
@@ -214,16 +214,7 @@ def run_memory_child(args, which: str, cache_dir: str) -> dict | str:
                "--channels", str(args.channels), "--heads", str(args.heads),
                "--chunks", str(args.chunks), "--threads", str(args.threads),
                "--cache-dir", cache_dir]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONWARNINGS="ignore")
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, env=env,
-                                timeout=args.memory_timeout)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {args.memory_timeout} s"
-    for line in result.stdout.splitlines():
-        if line.startswith(MEMORY_TAG):
-            return json.loads(line[len(MEMORY_TAG):])
-    return f"exit {result.returncode}: {result.stderr.strip()[-600:]}"
+    return measure_in_child(command, args.memory_timeout)
 
 
 def main() -> int:

@@ -236,15 +236,21 @@ def run_memory_child(args, which: str, cache_dir: str) -> dict | str:
                "--mesh-level", str(args.mesh_level), "--latent", str(args.latent),
                "--layers", str(args.layers), "--channels", str(args.channels),
                "--threads", str(args.threads), "--cache-dir", cache_dir]
+    return measure_in_child(command, args.memory_timeout)
+
+
+def measure_in_child(command: list[str], timeout: float) -> dict | str:
+    """Run one memory measurement in a fresh process; its MEMORY_TAG line as a dict, or why
+    there is none. Shared by the peer benchmarks (PhysicsNeMo, Anemoi)."""
     # A fixed mmap threshold: large blocks go to mmap and return to the system when freed, so
     # RSS follows the live tensors of both networks alike (glibc otherwise raises the threshold
     # after frees and keeps freed blocks in its heap).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONWARNINGS="ignore")
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env,
-                                timeout=args.memory_timeout)
+                                timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"timed out after {args.memory_timeout} s"
+        return f"timed out after {timeout} s"
     for line in result.stdout.splitlines():
         if line.startswith(MEMORY_TAG):
             return json.loads(line[len(MEMORY_TAG):])

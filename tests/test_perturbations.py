@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.grid import gaussian_latitudes
 from weathermodel.data.weights import cell_area_weights
 from weathermodel.errors import ConfigError
@@ -139,13 +139,13 @@ def test_forecast_members_share_one_perturbation_over_history_and_keep_roles(
     largest = np.nanmax(np.abs(states), axis=(0, 1, 3, 4))
     rounding = 2 * np.spacing(largest)[None, :, None, None]
     assert np.all(np.abs(np.nan_to_num(perturbation[:, 0] - perturbation[:, 1])) <= rounding)
-    untouched = metadata.role_index(cv.FORCING, cv.DIAGNOSTIC)
+    untouched = metadata.role_index(conventions.FORCING, conventions.DIAGNOSTIC)
     assert len(untouched) == 2
     assert np.all(np.nan_to_num(perturbation[:, :, untouched]) == 0)
     sst = metadata.channels.index("sea_surface_temperature")
     assert np.array_equal(np.isnan(states[:, :, sst]), np.isnan(initial[None, :, sst]).repeat(
         5, 0))  # missing stays missing
-    for channel in metadata.role_index(cv.PROGNOSTIC):
+    for channel in metadata.role_index(conventions.PROGNOSTIC):
         for member in range(1, 5):
             assert np.abs(perturbation[member, 0, channel]).max() > 0, (member, channel)
 
@@ -159,7 +159,7 @@ def test_per_channel_amplitude_is_a_fraction_of_the_reference_std(speedy_model) 
         weights = cell_area_weights(np.asarray(metadata.latitude), "edges")[:, None]
         variance = np.mean(weights * perturbation ** 2, axis=(0, 2, 3))
         reference = np.asarray(getattr(metadata, scale))
-        for channel in metadata.role_index(cv.PROGNOSTIC):
+        for channel in metadata.role_index(conventions.PROGNOSTIC):
             assert np.sqrt(variance[channel]) == pytest.approx(0.3 * reference[channel],
                                                                rel=0.1), (scale, channel)
             ensemble_mean = np.sum(weights * perturbation[:, channel].mean(0)) / np.sum(

@@ -207,11 +207,11 @@ def workload_from_dict(data: dict[str, Any]) -> Workload:
 
 def synthetic_metadata(workload: Workload) -> Any:
     """Model metadata of a store with the workload's grid and channel roles (unit statistics)."""
-    from weathermodel import conventions as cv
+    from weathermodel import conventions
     from weathermodel.models.forecaster import ModelMetadata
 
-    roles = ([cv.PROGNOSTIC] * workload.prognostic + [cv.FORCING] * workload.forcing
-             + [cv.DIAGNOSTIC] * workload.diagnostic)
+    roles = ([conventions.PROGNOSTIC] * workload.prognostic + [conventions.FORCING] * workload.forcing
+             + [conventions.DIAGNOSTIC] * workload.diagnostic)
     n = len(roles)
     masked = set(range(workload.masked))
     latitude, longitude = workload.grid.coordinates()
@@ -219,9 +219,9 @@ def synthetic_metadata(workload: Workload) -> Any:
     return ModelMetadata(
         channels=[f"channel_{i}" for i in range(n)], channel_variables=["temperature"] * n,
         channel_levels=[float(i) for i in range(n)],
-        forcings=list(cv.FORCING_NAMES[:workload.computed_forcings])
+        forcings=list(conventions.FORCING_NAMES[:workload.computed_forcings])
         + [f"forcing_{i}" for i in range(max(0, workload.computed_forcings
-                                             - len(cv.FORCING_NAMES)))],
+                                             - len(conventions.FORCING_NAMES)))],
         statics=[f"static_{i}" for i in range(n_statics)],
         latitude=[float(v) for v in latitude], longitude=[float(v) for v in longitude],
         time_step_seconds=21600, mean=[0.0] * n, std=[1.0] * n, tendency_std=[1.0] * n,
@@ -851,7 +851,7 @@ def workload_from_store(model: ModelConfig, store: str | Path, **sizes: Any) -> 
     """The workload of ``model`` on a training store: its grid (coordinates), channels and
     their roles (the config's ``forcing`` / ``diagnostic`` lists or the registry defaults),
     channels with missing values (imputer mask channels), forcings and statics."""
-    from weathermodel import conventions as cv
+    from weathermodel import conventions
     from weathermodel.data.store import open_store
     from weathermodel.models.forecaster import resolve_roles
 
@@ -861,14 +861,14 @@ def workload_from_store(model: ModelConfig, store: str | Path, **sizes: Any) -> 
     has_missing = np.asarray(ds["missing_fraction"].values) > 0 \
         if "missing_fraction" in ds else np.zeros(len(variables), bool)
     masked = sum(1 for role, missing in zip(roles, has_missing)
-                 if missing and role != cv.DIAGNOSTIC) if model.imputer_mask_channel else 0
+                 if missing and role != conventions.DIAGNOSTIC) if model.imputer_mask_channel else 0
     latitude, longitude = ds["latitude"].values, ds["longitude"].values
     from weathermodel.models.mesh import is_global_longitude
 
     grid = GridSpec(len(latitude), len(longitude), bool(is_global_longitude(longitude)),
                     [float(v) for v in latitude], [float(v) for v in longitude])
-    return Workload(model=model, grid=grid, prognostic=roles.count(cv.PROGNOSTIC),
-                    forcing=roles.count(cv.FORCING), diagnostic=roles.count(cv.DIAGNOSTIC),
+    return Workload(model=model, grid=grid, prognostic=roles.count(conventions.PROGNOSTIC),
+                    forcing=roles.count(conventions.FORCING), diagnostic=roles.count(conventions.DIAGNOSTIC),
                     masked=masked, computed_forcings=int(ds.sizes.get("forcing", 0)),
                     statics=int(ds.sizes.get("static", 0)), **sizes)
 

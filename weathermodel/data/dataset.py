@@ -19,7 +19,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from weathermodel.data import store as st
+from weathermodel.data import store as store_layout
 from weathermodel.data.chunkread import TimeSliceReader, open_readers
 from weathermodel.data.config import DataConfig, DateRange, parse_time, parse_timedelta
 from weathermodel.data.statistics import period_indices, period_label, store_statistics
@@ -152,8 +152,8 @@ def _derived_statistics(path: str | Path, period: list[str], first: int, stop: i
                         store_step: int) -> dict[str, np.ndarray]:
     """Statistics of ``first..stop-1`` at ``stride`` store steps: cached, or computed and
     cached."""
-    key = st.statistics_cache_key(period, store_step * stride)
-    cached = st.read_cached_statistics(path, key)
+    key = store_layout.statistics_cache_key(period, store_step * stride)
+    cached = store_layout.read_cached_statistics(path, key)
     if cached is not None and all(name in cached for name in _SUMMARY_STATISTICS):
         return cached
     log.info("%s: computing statistics of %s..%s at a %s step", path, period[0], period[1],
@@ -165,7 +165,7 @@ def _derived_statistics(path: str | Path, period: list[str], first: int, stop: i
             f"{_hours(store_step * stride)} apart without a gap between them, so the tendency "
             "statistics cannot be computed", "widen the statistics (or training) period",
             path=str(path))
-    st.write_cached_statistics(path, key, computed)
+    store_layout.write_cached_statistics(path, key, computed)
     return computed
 
 

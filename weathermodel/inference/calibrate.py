@@ -33,11 +33,11 @@ import yaml
 from tqdm.auto import tqdm
 
 import weathermodel
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.sources import file_checksum
 from weathermodel.data.weights import latitude_weights
 from weathermodel.errors import ConfigError, DataError
-from weathermodel.inference import forecast as fc
+from weathermodel.inference import forecast as forecast_workflow
 from weathermodel.inference.contract import open_initial_conditions
 from weathermodel.inference.perturbations import PerturbationSettings, default_length_scale_km
 from weathermodel.models.io import load_model
@@ -101,7 +101,7 @@ def _lead_indices(text: str, time_step_seconds: int) -> list[int]:
     if len(parts) > 2:
         raise ConfigError(f"--lead {text!r} is not LEAD or FIRST/LAST",
                           "write e.g. 72h or 48h/120h")
-    steps = [fc.lead_steps(part, time_step_seconds) for part in parts]
+    steps = [forecast_workflow.lead_steps(part, time_step_seconds) for part in parts]
     if steps[-1] < steps[0]:
         raise ConfigError(f"--lead {text!r}: the last lead is before the first",
                           "write FIRST/LAST with FIRST <= LAST")
@@ -109,7 +109,7 @@ def _lead_indices(text: str, time_step_seconds: int) -> list[int]:
 
 
 def _scored_channels(metadata, names: list[str] | None) -> list[int]:
-    prognostic = metadata.role_index(cv.PROGNOSTIC)
+    prognostic = metadata.role_index(conventions.PROGNOSTIC)
     if not names:
         return prognostic
     chosen = [i for i in prognostic if metadata.channels[i] in names
@@ -140,7 +140,7 @@ class EnsembleScorer:
         self.model = load_model(options.checkpoint).to(self.device).eval()
         metadata = self.model.metadata
         self.state = open_initial_conditions(options.data, metadata)
-        self.inits = fc.parse_init_times(options.init)
+        self.inits = forecast_workflow.parse_init_times(options.init)
         self.leads = _lead_indices(options.lead, metadata.time_step_seconds)
         self.channels = _scored_channels(metadata, options.channels)
         self.weights = latitude_weights(np.asarray(metadata.latitude))[:, None]
@@ -157,9 +157,9 @@ class EnsembleScorer:
         PerturbationSettings(amplitude=options.amplitude, length_scale_km=options.length_scale_km,
                              scale=options.scale, bred_cycles=options.bred_cycles)  # checks
 
-    def forecast_options(self, amplitude: float) -> fc.ForecastOptions:
+    def forecast_options(self, amplitude: float) -> forecast_workflow.ForecastOptions:
         o = self.options
-        return fc.ForecastOptions(
+        return forecast_workflow.ForecastOptions(
             checkpoint=o.checkpoint, data=o.data, init=o.init, lead=o.lead.split("/")[-1],
             out="", members=o.members, perturbation=amplitude,
             perturbation_length_km=o.length_scale_km, perturbation_scale=o.scale,
@@ -179,8 +179,9 @@ class EnsembleScorer:
         for indices in tqdm(batches, desc=f"amplitude {amplitude:.4g}",
                             disable=not self.options.progress, leave=False):
             # the forecast's own rollout: the same members 'forecast' makes for these starts
-            for lead in fc.rollout_starts(self.model, options, self.state, self.inits, indices,
-                                          n_leads, self.device):
+            for lead in forecast_workflow.rollout_starts(self.model, options, self.state,
+                                                         self.inits, indices, n_leads,
+                                                         self.device):
                 if lead.lead not in position_of:
                     continue
                 values = lead.values[:, :, self.channels].double().cpu().numpy()

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.sources import open_path
 from weathermodel.data.store import read_metadata
 from weathermodel.data.timeaxis import inspect_time_axis
@@ -91,12 +91,12 @@ def _checked_state(state: xr.DataArray, units: dict[str, str], metadata: ModelMe
                             f"{variable['units']!r}",
                             f"convert to {variable['units']} (weathermodel prepare does)",
                             path=path, variable=variable["name"])
-    for name, mine in ((cv.LATITUDE, metadata.latitude), (cv.LONGITUDE, metadata.longitude)):
+    for name, mine in ((conventions.LATITUDE, metadata.latitude), (conventions.LONGITUDE, metadata.longitude)):
         theirs = state[name].values.astype("float64")
         mine = np.asarray(mine)
         if theirs.shape != mine.shape or not np.allclose(theirs, mine, atol=1e-4):
             raise _grid_error(name, mine, theirs, path)
-    times = state[cv.TIME].values
+    times = state[conventions.TIME].values
     # duplicated or unordered times are refused here, not met as a pandas error later
     inspect_time_axis(times, pd.Timedelta(seconds=metadata.time_step_seconds), path)
     if times.size > 1:
@@ -116,7 +116,7 @@ def _stack_canonical(ds: xr.Dataset, metadata: ModelMetadata, path: str
     template = None
     for variable, level, role in zip(metadata.channel_variables, metadata.channel_levels,
                                      metadata.channel_roles):
-        if variable not in ds and role == cv.DIAGNOSTIC:  # an output only: not needed as input
+        if variable not in ds and role == conventions.DIAGNOSTIC:  # an output only: not needed as input
             arrays.append(None)
             units[variable] = next(v["units"] for v in metadata.variables
                                    if v["name"] == variable)
@@ -129,27 +129,27 @@ def _stack_canonical(ds: xr.Dataset, metadata: ModelMetadata, path: str
         array = ds[variable]
         units[variable] = array.attrs.get("units", "")
         if not np.isnan(level):
-            if cv.LEVEL not in array.dims or level not in array[cv.LEVEL].values:
+            if conventions.LEVEL not in array.dims or level not in array[conventions.LEVEL].values:
                 raise DataError(f"level {level:g} hPa of '{variable}' is missing", "add it",
                                 path=path, variable=variable)
-            array = array.sel({cv.LEVEL: level}, drop=True)
-        expected = {cv.TIME, cv.LATITUDE, cv.LONGITUDE}
-        if not expected <= set(array.dims) or set(array.dims) - expected - {cv.MEMBER}:
+            array = array.sel({conventions.LEVEL: level}, drop=True)
+        expected = {conventions.TIME, conventions.LATITUDE, conventions.LONGITUDE}
+        if not expected <= set(array.dims) or set(array.dims) - expected - {conventions.MEMBER}:
             raise DataError(f"'{variable}' has dims {list(map(str, array.dims))}, not the "
-                            f"canonical ({cv.TIME}, [{cv.LEVEL},] {cv.LATITUDE}, "
-                            f"{cv.LONGITUDE})", "rename the dims (e.g. lat -> latitude), or "
+                            f"canonical ({conventions.TIME}, [{conventions.LEVEL},] {conventions.LATITUDE}, "
+                            f"{conventions.LONGITUDE})", "rename the dims (e.g. lat -> latitude), or "
                             "convert the data with 'weathermodel prepare'", path=path,
                             variable=variable)
-        if cv.MEMBER not in array.dims:
-            array = array.expand_dims({cv.MEMBER: [0]}, axis=1)
-        arrays.append(array.transpose(cv.TIME, cv.MEMBER, cv.LATITUDE, cv.LONGITUDE))
+        if conventions.MEMBER not in array.dims:
+            array = array.expand_dims({conventions.MEMBER: [0]}, axis=1)
+        arrays.append(array.transpose(conventions.TIME, conventions.MEMBER, conventions.LATITUDE, conventions.LONGITUDE))
         template = arrays[-1]
     # absent diagnostics: NaN channels of the right shape (never read as inputs)
     arrays = [array if array is not None else xr.full_like(template, np.nan, dtype="float32")
               for array in arrays]
-    state = xr.concat(arrays, dim=cv.CHANNEL, coords="minimal", compat="override")
-    state = state.transpose(cv.TIME, cv.MEMBER, cv.CHANNEL, cv.LATITUDE, cv.LONGITUDE)
-    return state.assign_coords({cv.CHANNEL: metadata.channels}), units
+    state = xr.concat(arrays, dim=conventions.CHANNEL, coords="minimal", compat="override")
+    state = state.transpose(conventions.TIME, conventions.MEMBER, conventions.CHANNEL, conventions.LATITUDE, conventions.LONGITUDE)
+    return state.assign_coords({conventions.CHANNEL: metadata.channels}), units
 
 
 def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str,
@@ -174,7 +174,7 @@ def check_value_ranges(values: np.ndarray, metadata: ModelMetadata, where: str,
     # only inputs are checked: diagnostics are never read; channels that had missing values in
     # training are imputed by the model (NaN allowed there)
     checked = np.zeros(len(metadata.channels), dtype=bool)
-    checked[metadata.role_index(cv.PROGNOSTIC, cv.FORCING)] = True
+    checked[metadata.role_index(conventions.PROGNOSTIC, conventions.FORCING)] = True
     imputed = np.asarray(metadata.channel_has_missing, dtype=bool)
     bad = (~np.isfinite(values)).sum(axis=other_axes) * (checked & ~imputed)
     if bad.any():

@@ -41,7 +41,7 @@ from weathermodel.data.forcings import compute_forcings
 from weathermodel.data.sources import file_checksum
 from weathermodel.data.store import remove_partial_writes
 from weathermodel.errors import ConfigError, DataError, WeatherModelError
-from weathermodel.inference import output as out
+from weathermodel.inference import output
 from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
 from weathermodel.inference.grib import forecast_store_to_grib
 from weathermodel.inference.perturbations import (DEFAULT_PERTURBATION, PerturbationSettings,
@@ -518,7 +518,7 @@ def forecast(options: ForecastOptions) -> Path:
         _prepare_output(store, final, fingerprint, metadata, inits, n_leads, options)
     if fabric is not None:
         fabric.barrier()
-    if out.is_complete(store):  # the same command, already finished: nothing is rewritten
+    if output.is_complete(store):  # the same command, already finished: nothing is rewritten
         if rank == 0 and options.output_format == "netcdf":
             _to_netcdf(store, final)
         if rank == 0 and options.output_format == "grib":
@@ -527,7 +527,7 @@ def forecast(options: ForecastOptions) -> Path:
             fabric.barrier()
         return final
     batches = start_batches(inits.size, options.batch_starts, rank, world,
-                            out.done_indices(store))
+                            output.done_indices(store))
     report = _roll_out_and_write(model, options, state, inits, batches, n_leads, store, device,
                                  rank)
     reports = [report]
@@ -536,12 +536,12 @@ def forecast(options: ForecastOptions) -> Path:
         dist.all_gather_object(reports, report)
         fabric.barrier()
     if rank == 0:
-        missing = set(range(inits.size)) - out.done_indices(store)
+        missing = set(range(inits.size)) - output.done_indices(store)
         if missing:
             raise WeatherModelError(f"{len(missing)} start dates did not finish",
                                     "run the same command again to complete them",
                                     path=str(store))
-        out.finalise(store, [entry for part in reports for entry in part])
+        output.finalise(store, [entry for part in reports for entry in part])
         if options.output_format == "netcdf":
             _to_netcdf(store, final)
         if options.output_format == "grib":
@@ -558,7 +558,7 @@ def _roll_out_and_write(model: Forecaster, options: ForecastOptions, state: xr.D
     on a background thread (``options.overlap_writes``) while the next one is computed, and a
     start date is marked done once all its leads are written. Returns the health report."""
     metadata = model.metadata
-    writer = out.LeadWriter(store, metadata, options.members)
+    writer = output.LeadWriter(store, metadata, options.members)
     report: list[dict[str, Any]] = []
     bar = tqdm(total=sum(map(len, batches)), desc=f"forecast (rank {rank})",
                disable=not options.progress)
@@ -569,7 +569,7 @@ def _roll_out_and_write(model: Forecaster, options: ForecastOptions, state: xr.D
         writer.write_starts(lead.indices, lead.lead, lead.values.float().numpy())
         if lead.lead == n_leads - 1:
             for index in lead.indices:
-                out.mark_done(store, index)
+                output.mark_done(store, index)
             bar.update(len(lead.indices))
 
     background = BackgroundWriter(check_and_write, depth=2 if options.overlap_writes else 0)
@@ -614,7 +614,7 @@ def _prepare_output(store: Path, final: Path, fingerprint: str, metadata, inits:
     attrs = {"fingerprint": fingerprint, "complete": False, "checkpoint": options.checkpoint,
              "data": options.data, "members": options.members,
              "package_version": weathermodel.__version__, "lead": options.lead}
-    out.create_forecast_store(store, metadata, inits, n_leads, options.members, attrs)
+    output.create_forecast_store(store, metadata, inits, n_leads, options.members, attrs)
 
 
 def _to_netcdf(store: Path, final: Path) -> None:

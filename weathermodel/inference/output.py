@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.store import chunk_files_bytes, require_free_space
 from weathermodel.models.forecaster import ModelMetadata
 
@@ -31,7 +31,7 @@ def variable_layout(metadata: ModelMetadata) -> dict[str, list[tuple[int, float]
     """For each predicted variable (prognostic and diagnostic; forcings are inputs only and
     not written), its (channel index, level) pairs in level order."""
     layout: dict[str, list[tuple[int, float]]] = {}
-    for index in metadata.role_index(cv.PROGNOSTIC, cv.DIAGNOSTIC):
+    for index in metadata.role_index(conventions.PROGNOSTIC, conventions.DIAGNOSTIC):
         variable, level = metadata.channel_variables[index], metadata.channel_levels[index]
         layout.setdefault(variable, []).append((index, level))
     return {name: sorted(pairs, key=lambda p: p[1]) for name, pairs in layout.items()}
@@ -57,7 +57,7 @@ def estimated_forecast_bytes(metadata: ModelMetadata, n_inits: int, n_leads: int
 def _variable_attrs(metadata: ModelMetadata, name: str) -> dict[str, str]:
     """CF attributes of a predicted variable (units, long name, standard name)."""
     units = {v["name"]: v["units"] for v in metadata.variables}
-    info = cv.VARIABLES.get(name)
+    info = conventions.VARIABLES.get(name)
     return {"units": units.get(name, ""), "long_name": name.replace("_", " "),
             **({"standard_name": info.standard_name} if info and info.standard_name else {})}
 

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from weathermodel import conventions as cv
+from weathermodel import conventions
 from weathermodel.data.forcings import compute_forcings
 from weathermodel.data.weights import cell_area_weights
 from weathermodel.errors import ConfigError
@@ -229,7 +229,7 @@ def channel_amplitudes(metadata, settings: PerturbationSettings) -> np.ndarray:
     factors = np.array([float(settings.channel_factors.get(
         channel, settings.channel_factors.get(variable, 1.0)))
         for channel, variable in zip(metadata.channels, metadata.channel_variables)])
-    prognostic = np.array([role == cv.PROGNOSTIC for role in metadata.channel_roles])
+    prognostic = np.array([role == conventions.PROGNOSTIC for role in metadata.channel_roles])
     return np.where(prognostic, settings.amplitude * reference * factors, 0.0)
 
 
