@@ -352,7 +352,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup: dict, tmp_path: P
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the timeout wrapper and python
         process.wait()
-    done_before = forecast_module.out.done_indices(out)
+    done_before = forecast_module.output.done_indices(out)
     assert 3 <= len(done_before) < 30
     attrs = _attrs(out)
     assert attrs["complete"] is False
