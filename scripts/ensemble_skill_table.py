@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+import weathermodel  # noqa: F401  (loads pyproj before netCDF4; see docs/architecture.md)
+
 HEADLINE = [("geopotential", 500.0, "z500", "m2 s-2"), ("temperature", 850.0, "t850", "K")]
 LEADS_HOURS = (24, 72, 120)
 
