@@ -444,21 +444,6 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
-def _rollout_one(model: Forecaster, options: ForecastOptions, state: xr.DataArray,
-                 init: np.datetime64, index: int, n_leads: int, writer: Any,
-                 device: torch.device) -> list[dict[str, Any]]:
-    """One start date rolled out by :func:`rollout_starts` (a batch of one), each lead handed
-    to ``writer.write(index, lead, values (member, channel, lat, lon))`` in the calling
-    thread; returns the health report (``options.on_unhealthy`` applies)."""
-    inits = np.full(index + 1, init, dtype="datetime64[ns]")
-    report: list[dict[str, Any]] = []
-    for lead in rollout_starts(model, options, state, inits, [index], n_leads, device):
-        report += health_report(lead.indices, lead.lead, lead.health.cpu().numpy(), inits,
-                                model.metadata, options)
-        writer.write(index, lead.lead, lead.values[0].float().cpu().numpy())
-    return report
-
-
 def health_report(indices: list[int], lead: int, statistics: np.ndarray, inits: np.ndarray,
                   metadata: ModelMetadata, options: ForecastOptions) -> list[dict[str, Any]]:
     """The health report entries of one lead of a batch of start dates (``statistics``:
