@@ -72,9 +72,11 @@ def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap:
     env = dict(os.environ)
     if package_root is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(CHECKPOINT), str(store), init,
-                             lead, str(out), batch, overlap], capture_output=True, text=True,
-                            env=env)
+    # -P: without it ``python -c`` puts the working directory first on sys.path, and run from
+    # the repository root the "reference" child would import the current package instead
+    result = subprocess.run([sys.executable, "-P", "-c", _CHILD, str(CHECKPOINT), str(store),
+                             init, lead, str(out), batch, overlap], capture_output=True,
+                            text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     shutil.rmtree(out, ignore_errors=True)

@@ -330,3 +330,35 @@ def test_shipped_checkpoints_give_the_outputs_they_gave_before(name: str, tmp_pa
     np.testing.assert_allclose(flat[index].numpy(), values, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose([float(out.sum()), float(out.abs().sum())], [total, absolute],
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_layers", [0, 1, 2])
+def test_forward_without_grad_reuses_constants_and_equals_the_autograd_path(
+        hidden_layers: int) -> None:
+    """The gnn forward without gradients (constants computed once, in-place activations)
+    equals the autograd path, for a batch of several samples; its constants are recomputed
+    after the weights change in place or are replaced, and after a dtype change."""
+    torch.manual_seed(0)
+    network = tiny_network(mlp_hidden_layers=hidden_layers)
+    x = torch.randn(3, 3, 19, 36, dtype=torch.float64)
+    with torch.no_grad():
+        fast = network(x)
+        constants = network._constants
+        assert network(x) is not fast and network._constants is constants  # reused
+    torch.testing.assert_close(fast, network(x).detach(), rtol=1e-10, atol=1e-12)
+    assert not torch.equal(fast[0], fast[1])  # the samples of the batch stay apart
+    with torch.no_grad():
+        network.decoder.edge_mlp[0].weight.mul_(1.5)  # in place, as an optimizer step does
+        changed = network(x)
+        assert network._constants is not constants
+    torch.testing.assert_close(changed, network(x).detach(), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(changed, fast)
+    other = tiny_network(seed=1, mlp_hidden_layers=hidden_layers)
+    network.load_state_dict(other.state_dict())  # copied in place into the same parameters
+    with torch.no_grad():
+        loaded = network(x)
+    assert not torch.allclose(loaded, changed)
+    torch.testing.assert_close(loaded, other(x).detach(), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        single = network.float()(x.float())
+    torch.testing.assert_close(single, other(x).float().detach(), rtol=1e-5, atol=1e-5)

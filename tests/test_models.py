@@ -143,9 +143,9 @@ def test_activation_checkpointing_and_bf16(store: Path) -> None:
     # switch it off (it once opened autocast(enabled=False) inside forward)
     low = make_model(store, "graph")
     inner_dtypes = []
-    first_linear = next(m for m in low.network.modules() if isinstance(m, torch.nn.Linear))
-    first_linear.register_forward_hook(lambda module, args, output: inner_dtypes.append(
-        output.dtype))
+    for linear in (m for m in low.network.modules() if isinstance(m, torch.nn.Linear)):
+        linear.register_forward_hook(lambda module, args, output: inner_dtypes.append(
+            output.dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reduced = low(data["inputs"], data["forcings"][:, :3])
     assert inner_dtypes and set(inner_dtypes) == {torch.bfloat16}

@@ -161,16 +161,29 @@ def stored_fingerprint(store: Path) -> str | None:
     return attrs.get("fingerprint")
 
 
+def _initial_states(state: xr.DataArray, inits: np.ndarray, history: int,
+                    step: np.timedelta64, where: str) -> np.ndarray:
+    """The ``history`` states ending at each start date, read in one call:
+    (start, history, channel, lat, lon)."""
+    inits = np.atleast_1d(np.asarray(inits, dtype="datetime64[ns]"))
+    wanted = (inits[:, None] - np.arange(history - 1, -1, -1)[None] * step
+              ).astype("datetime64[ns]")
+    absent = ~np.isin(wanted, state["time"].values)
+    if absent.any():
+        start = int(np.argmax(absent.any(1)))
+        missing = [str(t) for t in wanted[start][absent[start]]]
+        raise DataError(f"initial conditions for start {inits[start]} need states at "
+                        f"{missing}, which the data does not have",
+                        "choose start dates the data covers", path=where)
+    times, positions = np.unique(wanted.ravel(), return_inverse=True)
+    values = state.sel(time=times).values[:, 0]  # (time, channel, lat, lon)
+    return values[positions.reshape(wanted.shape)]
+
+
 def _initial_state(state: xr.DataArray, init: np.datetime64, history: int,
                    step: np.timedelta64, where: str) -> np.ndarray:
-    wanted = (init - np.arange(history - 1, -1, -1) * step).astype("datetime64[ns]")
-    missing = [str(t) for t in wanted[~np.isin(wanted, state["time"].values)]]
-    if missing:
-        raise DataError(f"initial conditions for start {init} need states at {missing}, which "
-                        "the data does not have", "choose start dates the data covers",
-                        path=where)
-    values = state.sel(time=wanted).values  # (history, number, channel, lat, lon)
-    return values[:, 0]
+    """The ``history`` states ending at ``init``: (history, channel, lat, lon)."""
+    return _initial_states(state, np.asarray([init]), history, step, where)[0]
 
 
 def health_statistics(prediction: torch.Tensor, model: Forecaster) -> torch.Tensor:
@@ -337,8 +350,8 @@ def rollout_starts(model: Forecaster, options: ForecastOptions, state: xr.DataAr
     history = model.history
     starts = np.asarray(inits)[indices].astype("datetime64[ns]")
     members, missing = [], []
-    for index, init in zip(indices, starts):
-        initial = _initial_state(state, init, history, step, options.data)
+    initial_states = _initial_states(state, starts, history, step, options.data)
+    for index, init, initial in zip(indices, starts, initial_states):
         check_value_ranges(initial, metadata, options.data, init)
         members.append(_initial_members(initial, model, options, index, device, init,
                                         lambda time: _initial_state(state, time, history, step,

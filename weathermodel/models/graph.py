@@ -38,54 +38,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from weathermodel.models.config import GraphConfig
+from weathermodel.models.graph_inference import InferenceConstants, gnn_forward_without_grad
+from weathermodel.models.graph_layers import gather_nodes, mlp, scatter_sum
 from weathermodel.models.mesh import GridMeshGraph, cached_graph
-
-
-def mlp(in_size: int, hidden: int, out_size: int, hidden_layers: int,
-        layer_norm: bool = True) -> nn.Sequential:
-    """Linear-SiLU stack, optionally ending in a LayerNorm (GraphCast's MLP)."""
-    layers: list[nn.Module] = []
-    size = in_size
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(size, hidden), nn.SiLU()]
-        size = hidden
-    layers.append(nn.Linear(size, out_size))
-    if layer_norm:
-        layers.append(nn.LayerNorm(out_size))
-    return nn.Sequential(*layers)
-
-
-def gather_nodes(nodes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of node values ``(nodes, *rest)`` -> ``(len(index), *rest)``.
-
-    An ``index_select`` along dim 0 of the 2-D view ``(nodes, prod(rest))``; its backward is an
-    ``index_add_`` along dim 0.
-    """
-    rows = nodes.reshape(nodes.shape[0], -1).index_select(0, index)
-    return rows.view(index.shape[0], *nodes.shape[1:])
-
-
-class _ScatterSum(torch.autograd.Function):
-    """Sum over edges into nodes whose backward is a gather: it saves only the index, where
-    autograd's ``index_add`` keeps every edge message alive for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, messages: torch.Tensor, receivers: torch.Tensor,  # type: ignore[override]
-                n_nodes: int) -> torch.Tensor:
-        ctx.save_for_backward(receivers)
-        rows = messages.reshape(messages.shape[0], -1)
-        out = rows.new_zeros(n_nodes, rows.shape[1]).index_add_(0, receivers, rows)
-        return out.view(n_nodes, *messages.shape[1:])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (receivers,) = ctx.saved_tensors
-        return gather_nodes(grad, receivers), None, None
-
-
-def scatter_sum(messages: torch.Tensor, receivers: torch.Tensor, n_nodes: int) -> torch.Tensor:
-    """Sum edge values ``(edges, *rest)`` into their receiving nodes: ``(n_nodes, *rest)``."""
-    return _ScatterSum.apply(messages, receivers, n_nodes)
 
 
 class _EdgeSoftmaxAggregate(torch.autograd.Function):
@@ -451,6 +406,18 @@ class GraphNetwork(nn.Module):
             self.register_buffer(name, feature(getattr(graph, name)), persistent=False)
         self.n_mesh = int(graph.mesh_vertices.shape[0])
 
+    def _inference_constants(self, x: torch.Tensor) -> InferenceConstants:
+        """The input-independent tensors of a forward pass without gradients, recomputed when
+        a parameter is replaced or changed in place, or the dtype, device or autocast state
+        differs from the last call."""
+        key = (x.dtype, x.device, torch.is_autocast_enabled(x.device.type),
+               tuple((parameter.data_ptr(), parameter._version)
+                     for parameter in self.parameters()))
+        if getattr(self, "_constants_key", None) != key:
+            self._constants = InferenceConstants(self, x.dtype)
+            self._constants_key = key
+        return self._constants
+
     @property
     def _checkpointing(self) -> bool:
         return self.activation_checkpointing and torch.is_grad_enabled()
@@ -552,6 +519,8 @@ class GraphNetwork(nn.Module):
         ``lead_time_hours`` is accepted for interface compatibility and unused: one graph
         network serves one time step.
         """
+        if self.config.processor == "gnn" and not torch.is_grad_enabled():
+            return gnn_forward_without_grad(self, x, self._inference_constants(x))
         batch = x.shape[0]
         grid = self._maybe_checkpoint(self._embed_grid, x)
         mesh = self.mesh_embed(self.mesh_node_features.to(x.dtype))[:, None]
