@@ -3,22 +3,27 @@ calibrated one SSR ~ 1 at the calibrated lead, equal to what ``evaluate``'s spre
 finds on the ensemble ``forecast --perturbation-file`` writes; bred vectors; bad input refused."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import yaml
+
+from weathermodel import load_forecaster
 
 from weathermodel.cli import main
 from weathermodel.configuration import from_dict
 from weathermodel.data.config import PrepareConfig
 from weathermodel.data.dataset import read_summary
 from weathermodel.data.prepare import prepare
+from weathermodel.data.sources import file_checksum
 from weathermodel.data.weights import cell_area_weights
 from weathermodel.evaluation import align, open_forecast, spread_skill_ratio, truth_dataset
 from weathermodel.inference import forecast as forecast_module
-from weathermodel.inference.calibrate import read_perturbation_file
+from weathermodel.inference.calibrate import read_perturbation_file, write_perturbation_file
 from weathermodel.inference.contract import open_initial_conditions
 from weathermodel.inference.forecast import ForecastOptions
 from weathermodel.models.config import GraphConfig, ModelConfig
@@ -155,3 +160,51 @@ def test_bad_calibration_input_is_refused(setup: dict, tmp_path: Path, capsys) -
                         str(tmp_path / "f.zarr"), "--no-progress")
     assert code == 2 and "amplitude" in err, err
     assert not (tmp_path / "f.zarr").exists()
+
+
+def test_a_checkpoint_folder_brings_its_calibrated_perturbations(setup: dict, tmp_path: Path,
+                                                                 capsys) -> None:
+    """``perturbation.yaml`` beside ``model.pt`` is the checkpoint's calibrated ensemble: an
+    ensemble forecast (CLI or Python API) without amplitude flags uses it, equal to giving the
+    file; flags still override it; one calibrated for another model file is refused."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    shutil.copy(setup["checkpoint"], folder / "model.pt")
+    write_perturbation_file(folder / "perturbation.yaml", {
+        "amplitude": 0.8, "length_scale_km": 900.0,
+        "calibration": {"checkpoint_digest": file_checksum(str(folder / "model.pt"))[0]}})
+    common = ("--data", str(setup["store"]), "--init", "2013-10-02/2013-10-03/1d", "--lead",
+              "12h", "--members", "4", "--no-progress")
+    stores = {}
+    for name, extra in (("shipped", ("--checkpoint", str(folder))),
+                        ("file", ("--checkpoint", str(setup["checkpoint"]),
+                                  "--perturbation-file", str(folder / "perturbation.yaml"))),
+                        ("flag", ("--checkpoint", str(folder), "--perturbation", "0.01"))):
+        stores[name] = tmp_path / f"{name}.zarr"
+        code, printed, err = _cli(capsys, "forecast", *extra, *common, "--out",
+                                  str(stores[name]))
+        assert code == 0, err
+        assert ("calibrated for this checkpoint" in printed) == (name == "shipped")
+    values = {name: open_forecast(store)[VARIABLE].load() for name, store in stores.items()}
+    xr.testing.assert_equal(values["shipped"], values["file"])
+    spread = {name: float(v.isel(number=slice(1, None)).std("number").mean())
+              for name, v in values.items()}
+    assert spread["flag"] < 0.1 * spread["shipped"]
+
+    # the Python API takes the same perturbations from the folder
+    predictor = load_forecaster(folder)
+    initial = truth_dataset(setup["store"])[[VARIABLE]].sel(
+        time=slice("2013-10-01T18", "2013-10-02T00")).load()
+    predicted = predictor.predict(initial, lead="12h", members=4)
+    np.testing.assert_allclose(predicted[VARIABLE].values,
+                               values["shipped"].isel(time=[0]).transpose(
+                                   *predicted[VARIABLE].dims).values, rtol=1e-6, atol=1e-4)
+
+    # a calibration of another model file is stale: refused before anything is written
+    other = dict(yaml.safe_load((folder / "perturbation.yaml").read_text()))
+    other["calibration"] = {"checkpoint_digest": "sha256:" + "0" * 64}
+    write_perturbation_file(folder / "perturbation.yaml", other)
+    code, _, err = _cli(capsys, "forecast", "--checkpoint", str(folder), *common, "--out",
+                        str(tmp_path / "stale.zarr"))
+    assert code == 2 and "another model file" in err and "calibrate" in err, err
+    assert not (tmp_path / "stale.zarr").exists()

@@ -80,6 +80,28 @@ def test_init_range_round_trips(start: pd.Timestamp, step: int, count: int, offs
 
 
 @settings(max_examples=80, deadline=None)
+@given(start=_starts, step=_step_minutes, counts=st.lists(st.integers(0, 12), min_size=1,
+                                                          max_size=4),
+       shifts=st.lists(st.integers(-5000, 5000), min_size=4, max_size=4))
+def test_init_lists_are_the_sorted_union_of_their_items(start: pd.Timestamp, step: int,
+                                                        counts: list[int],
+                                                        shifts: list[int]) -> None:
+    """``A,B,...`` (each START or START/END/STEP) gives every time of every item, once, in
+    time order."""
+    delta = pd.Timedelta(minutes=step)
+    items, expected = [], set()
+    for count, shift in zip(counts, shifts):
+        first = start + pd.Timedelta(minutes=shift)
+        assume(NS_FIRST <= first and first + count * delta <= NS_LAST)
+        items.append(f"{first.isoformat()}/{(first + count * delta).isoformat()}/{step}min"
+                     if count else first.isoformat())
+        expected.update((first + k * delta).to_datetime64() for k in range(count + 1))
+    times = parse_init_times(" , ".join(items))
+    assert times.dtype == np.dtype("datetime64[ns]")
+    assert list(times) == sorted(expected)
+
+
+@settings(max_examples=80, deadline=None)
 @given(start=_starts, back=st.integers(1, 10_000), step=_step_minutes,
        step_style=st.integers(0, 8), bad_step=st.sampled_from(["0h", "-6h", "0 days", "-PT6H"]))
 def test_init_range_in_the_wrong_order_or_with_no_step_is_refused(

@@ -127,8 +127,8 @@ def _add_forecast(subparsers: Any) -> None:
     parser.add_argument("--checkpoint", required=True, help="model or training checkpoint")
     parser.add_argument("--data", required=True,
                         help="initial conditions: a training store or a canonical zarr/netCDF")
-    parser.add_argument("--init", required=True, help="START or START/END/STEP, e.g. "
-                        "2013-10-01/2013-12-31T18/6h")
+    parser.add_argument("--init", required=True, help="START or START/END/STEP, or a "
+                        "comma-separated list of those, e.g. 2013-10-01/2013-12-31T18/6h")
     parser.add_argument("--lead", required=True, help="forecast length, e.g. 5d or 120h")
     parser.add_argument("--out", required=True,
                         help="output store (or a .nc / .grib2 file with --format)")
@@ -166,24 +166,28 @@ def _add_perturbation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _perturbation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """ForecastOptions' perturbation fields: the flags given, else the file's, else defaults."""
-    from weathermodel.inference.calibrate import read_perturbation_file
+    """ForecastOptions' perturbation fields: the flags given, else the file's (``--perturbation
+    -file``, or for an ensemble without either amplitude flag the ``perturbation.yaml``
+    calibrated for the checkpoint in its folder), else defaults."""
+    from weathermodel.inference.calibrate import (checkpoint_perturbation,
+                                                  perturbation_options,
+                                                  read_perturbation_file)
     from weathermodel.inference.perturbations import PerturbationSettings
 
-    settings = (read_perturbation_file(args.perturbation_file) if args.perturbation_file
-                else PerturbationSettings())
+    file = args.perturbation_file
+    if file is None and args.perturbation is None and args.members > 1:
+        shipped = checkpoint_perturbation(args.checkpoint)
+        if shipped is not None:
+            file = shipped[0]
+            print(f"initial perturbations: {file} (calibrated for this checkpoint; "
+                  "--perturbation or --perturbation-file override it)")
+    settings = read_perturbation_file(file) if file else PerturbationSettings()
     flags = {"amplitude": args.perturbation, "length_scale_km": args.perturbation_length_scale,
              "scale": args.perturbation_scale, "symmetric": args.perturbation_pairs,
              "bred_cycles": args.perturbation_bred_cycles}
     chosen = {**vars(settings), **{k: v for k, v in flags.items() if v is not None}}
     settings = PerturbationSettings(**chosen)  # checks the values before anything runs
-    explicit = args.perturbation is not None or args.perturbation_file
-    # none given: ForecastOptions' default (0.1, or 0 for a stochastic model)
-    return {"perturbation": settings.amplitude if explicit else None,
-            "perturbation_length_km": settings.length_scale_km,
-            "perturbation_scale": settings.scale,
-            "perturbation_symmetric": settings.symmetric,
-            "perturbation_bred_cycles": settings.bred_cycles}
+    return perturbation_options(settings, args.perturbation is not None or bool(file))
 
 
 def run_forecast(args: argparse.Namespace) -> int:
@@ -214,7 +218,8 @@ def _add_calibrate(subparsers: Any) -> None:
     parser.add_argument("--data", required=True, help="validation data: a training store or "
                         "canonical dataset holding the initial conditions and the truth")
     parser.add_argument("--init", required=True, help="validation start dates, START or "
-                        "START/END/STEP, e.g. 2000-10-01/2000-12-01/10d")
+                        "START/END/STEP or a comma-separated list of those, e.g. "
+                        "2000-10-01/2000-12-01/10d")
     parser.add_argument("--lead", required=True, help="lead to calibrate at (72h) or a range "
                         "FIRST/LAST (48h/120h)")
     parser.add_argument("--out", required=True, help="perturbation file to write (.yaml/.json)")

@@ -40,10 +40,11 @@ from weathermodel.errors import ConfigError, DataError
 from weathermodel.inference import forecast as forecast_workflow
 from weathermodel.inference.contract import open_initial_conditions
 from weathermodel.inference.perturbations import PerturbationSettings, default_length_scale_km
-from weathermodel.models.io import load_model
+from weathermodel.models.io import load_model, model_file
 
 FILE_FORMAT = "weathermodel-perturbation"
 FILE_VERSION = 1
+CHECKPOINT_PERTURBATION_FILE = "perturbation.yaml"
 
 
 @dataclass
@@ -266,7 +267,7 @@ def calibrate(options: CalibrationOptions) -> dict[str, Any]:
         "symmetric": options.symmetric, "bred_cycles": options.bred_cycles,
         "calibration": {
             "checkpoint": options.checkpoint, "checkpoint_digest":
-                file_checksum(options.checkpoint)[0], "data": options.data,
+                file_checksum(str(model_file(options.checkpoint)))[0], "data": options.data,
             "init": options.init, "lead": options.lead, "members": options.members,
             "seed": options.seed, "spread_skill_ratio": best.ssr,
             "channel_spread_skill_ratio": best.channel_ssr,
@@ -321,3 +322,39 @@ def read_perturbation_file(path: str | Path) -> PerturbationSettings:
                           "give the file 'weathermodel calibrate' wrote", path=str(path)) \
             from error
 
+
+def checkpoint_perturbation(checkpoint: str | Path
+                            ) -> tuple[Path, PerturbationSettings] | None:
+    """The initial perturbations calibrated for a checkpoint and shipped with it: the file
+    ``perturbation.yaml`` (written by :func:`calibrate`) in the checkpoint's folder, with its
+    settings; None when there is none.
+
+    Raises
+    ------
+    ConfigError : the file was calibrated for another model file (its recorded digest differs
+        from the model file's): a stale calibration is refused rather than used.
+    """
+    file = model_file(checkpoint)
+    candidate = file.parent / CHECKPOINT_PERTURBATION_FILE
+    if not candidate.is_file():
+        return None
+    settings = read_perturbation_file(candidate)
+    record = yaml.safe_load(candidate.read_text()).get("calibration") or {}
+    recorded = record.get("checkpoint_digest")
+    if recorded and recorded != file_checksum(str(file))[0]:
+        raise ConfigError(f"{candidate} was calibrated for another model file than {file} "
+                          "(its checkpoint digest differs)",
+                          "run 'weathermodel calibrate' for this model, or give "
+                          "--perturbation / --perturbation-file", path=str(candidate))
+    return candidate, settings
+
+
+def perturbation_options(settings: PerturbationSettings, explicit: bool) -> dict[str, Any]:
+    """:class:`~weathermodel.inference.forecast.ForecastOptions`' perturbation fields from
+    ``settings``; the amplitude only when ``explicit`` (else None: the forecast's default,
+    0.1 or 0 for a stochastic model)."""
+    return {"perturbation": settings.amplitude if explicit else None,
+            "perturbation_length_km": settings.length_scale_km,
+            "perturbation_scale": settings.scale,
+            "perturbation_symmetric": settings.symmetric,
+            "perturbation_bred_cycles": settings.bred_cycles}

@@ -90,7 +90,14 @@ def _init_time(text: str, what: str) -> pd.Timestamp:
 
 
 def parse_init_times(text: str) -> np.ndarray:
-    """``START``, or ``START/END/STEP`` (inclusive), as datetime64[ns]."""
+    """``START``, or ``START/END/STEP`` (inclusive), or a comma-separated list of those (their
+    union, in time order), as datetime64[ns]."""
+    if "," in text:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise ConfigError(f"--init {text!r} names no start date",
+                              "write e.g. 2013-10-01,2013-10-05/2013-10-09/1d")
+        return np.unique(np.concatenate([parse_init_times(item) for item in items]))
     parts = text.split("/")
     if len(parts) == 1:
         return np.array([_init_time(parts[0], "init").to_datetime64()], dtype="datetime64[ns]")

@@ -32,19 +32,15 @@ import xarray as xr
 from weathermodel import conventions
 from weathermodel.errors import ConfigError, DataError
 from weathermodel.inference import output
+from weathermodel.inference.calibrate import checkpoint_perturbation, perturbation_options
 from weathermodel.inference.contract import check_initial_conditions
 from weathermodel.inference.forecast import (ForecastOptions, health_report, lead_steps,
                                              rollout_starts)
+from weathermodel.inference.perturbations import PerturbationSettings
 from weathermodel.models.forecaster import Forecaster
-from weathermodel.models.io import load_model
+from weathermodel.models.io import load_model, model_file
 
 _WHERE = "initial_conditions"
-
-
-def _model_file(path: str | Path) -> Path:
-    """The model file of ``path``: the file itself, or ``model.pt`` in a checkpoint folder."""
-    path = Path(path)
-    return path / "model.pt" if path.is_dir() else path
 
 
 def load_forecaster(path: str | Path, device: str | torch.device | None = None) -> "Predictor":
@@ -58,8 +54,10 @@ def load_forecaster(path: str | Path, device: str | torch.device | None = None) 
     """
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    file = _model_file(path)
-    return Predictor(load_model(str(file)).to(device).eval(), device, str(file))
+    file = model_file(path)
+    shipped = checkpoint_perturbation(file)
+    return Predictor(load_model(str(file)).to(device).eval(), device, str(file),
+                     shipped[1] if shipped else None)
 
 
 class Predictor:
@@ -70,10 +68,15 @@ class Predictor:
     model : the forecaster (in eval mode, on ``device``).
     device : where it runs.
     checkpoint : the model file it came from (recorded in the output's attributes).
+    perturbation : the initial perturbations calibrated for the checkpoint (its folder's
+        ``perturbation.yaml``), used by ensembles when no amplitude is given; None: the
+        forecast's defaults.
     """
 
-    def __init__(self, model: Forecaster, device: torch.device, checkpoint: str = "") -> None:
+    def __init__(self, model: Forecaster, device: torch.device, checkpoint: str = "",
+                 perturbation: PerturbationSettings | None = None) -> None:
         self.model, self.device, self.checkpoint = model, device, checkpoint
+        self.perturbation = perturbation
         self.metadata = model.metadata
         self.time_step = np.timedelta64(self.metadata.time_step_seconds, "s").astype(
             "timedelta64[ns]")
@@ -169,8 +172,8 @@ class Predictor:
                  else np.atleast_1d(np.asarray(start_times, dtype="datetime64[ns]")))
         options = ForecastOptions(checkpoint=self.checkpoint, data=_WHERE, init="",
                                   lead=f"{n_leads} steps", out=_WHERE, members=members,
-                                  perturbation=perturbation, seed=seed,
-                                  on_unhealthy=on_unhealthy, progress=False)
+                                  seed=seed, on_unhealthy=on_unhealthy, progress=False,
+                                  **self._perturbation_fields(perturbation))
         for step in rollout_starts(self.model, options, state, inits,
                                    list(range(inits.size)), n_leads, self.device):
             values = step.values.float().cpu().numpy()
@@ -180,6 +183,17 @@ class Predictor:
                                           (step.lead + 1) * self.time_step)
             dataset.attrs["weathermodel_health"] = json.dumps(health)
             yield dataset
+
+    def _perturbation_fields(self, amplitude: float | None) -> dict[str, Any]:
+        """The forecast's perturbation options: the checkpoint's calibrated settings (with
+        ``amplitude`` instead of theirs when given), else the defaults."""
+        if self.perturbation is None:
+            settings = (PerturbationSettings() if amplitude is None
+                        else PerturbationSettings(amplitude=amplitude))
+            return perturbation_options(settings, amplitude is not None)
+        settings = self.perturbation if amplitude is None else PerturbationSettings(
+            **{**vars(self.perturbation), "amplitude": amplitude})
+        return perturbation_options(settings, True)
 
     def predict(self, initial_conditions: xr.Dataset, lead: str = "5d", members: int = 1,
                 perturbation: float | None = None, seed: int = 0, on_unhealthy: str = "flag",
@@ -196,7 +210,8 @@ class Predictor:
             model; every member of a stochastic (CRPS-trained) model is a sample of it.
         perturbation, seed : initial perturbations of the other members (as ``weathermodel
             forecast --perturbation --seed``; the i-th start date is seeded as the CLI's
-            i-th); None: 0.1 tendency stds, or none for a stochastic model.
+            i-th); None: the perturbations calibrated for the checkpoint (its folder's
+            ``perturbation.yaml``), else 0.1 tendency stds, or none for a stochastic model.
         on_unhealthy : ``"flag"`` records NaN/inf or values far outside the training range
             in the attribute ``weathermodel_health`` (JSON); ``"stop"`` raises.
         start_times : the start dates (datetime64 or ISO strings; default: every time of

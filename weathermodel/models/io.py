@@ -118,7 +118,9 @@ def _load_error(error: Exception, path: str | Path) -> CheckpointError:
 
 
 def read_payload(path: str | Path) -> dict[str, Any]:
-    """Load a model/checkpoint file safely (weights only), checking its format version."""
+    """Load a model/checkpoint file (or a checkpoint folder's ``model.pt``) safely (weights
+    only), checking its format version."""
+    path = model_file(path)
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
@@ -163,6 +165,15 @@ def model_from_payload(payload: dict[str, Any], path: str | Path = "<memory>",
     return model
 
 
+def model_file(path: str | Path) -> Path:
+    """The model file of ``path``: the file itself, or ``model.pt`` in a checkpoint folder
+    (e.g. ``checkpoints/ncep_graph_2013``)."""
+    path = Path(path)
+    return path / "model.pt" if path.is_dir() else path
+
+
 def load_model(path: str | Path, cache_dir: str | Path | None = None) -> Forecaster:
-    """Rebuild a saved forecaster (CPU; move it with ``.to(device)``)."""
-    return model_from_payload(read_payload(path), path, cache_dir)
+    """Rebuild a saved forecaster from a model file, checkpoint or checkpoint folder (CPU;
+    move it with ``.to(device)``)."""
+    file = model_file(path)
+    return model_from_payload(read_payload(file), file, cache_dir)
