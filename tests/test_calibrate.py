@@ -23,13 +23,15 @@ from weathermodel.data.sources import file_checksum
 from weathermodel.data.weights import cell_area_weights
 from weathermodel.evaluation import align, open_forecast, spread_skill_ratio, truth_dataset
 from weathermodel.inference import forecast as forecast_module
-from weathermodel.inference.calibrate import read_perturbation_file, write_perturbation_file
+from weathermodel.inference.calibrate import (checkpoint_perturbation, read_perturbation_file,
+                                              write_perturbation_file)
 from weathermodel.inference.contract import open_initial_conditions
 from weathermodel.inference.forecast import ForecastOptions
 from weathermodel.models.config import GraphConfig, ModelConfig
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
-from weathermodel.models.io import load_model, save_model
+from weathermodel.models.io import load_model, read_payload, save_model
 
+PROJECT = Path(__file__).resolve().parents[1]
 VARIABLE = "2m_temperature"
 INIT = "2013-10-02/2013-10-09/1d"  # eight validation starts
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
@@ -208,3 +210,22 @@ def test_a_checkpoint_folder_brings_its_calibrated_perturbations(setup: dict, tm
                         str(tmp_path / "stale.zarr"))
     assert code == 2 and "another model file" in err and "calibrate" in err, err
     assert not (tmp_path / "stale.zarr").exists()
+
+
+@pytest.mark.parametrize("name, stochastic", [("speedy_transformer_2000", False),
+                                              ("speedy_crps_2000", True)])
+def test_shipped_checkpoints_carry_perturbations_calibrated_for_them(name: str,
+                                                                     stochastic: bool) -> None:
+    """The shipped global checkpoints' perturbation files were calibrated for exactly those
+    model files (a retrained model.pt without a new calibration fails here) and converged."""
+    folder = PROJECT / "checkpoints" / name
+    if not (folder / "model.pt").is_file():
+        pytest.skip(f"{folder} is not in this checkout")
+    shipped = checkpoint_perturbation(folder)
+    assert shipped is not None
+    path, settings = shipped
+    record = yaml.safe_load(path.read_text())["calibration"]
+    assert record["converged"] and abs(record["spread_skill_ratio"] - 1) < 0.05
+    assert any(trial["amplitude"] == settings.amplitude for trial in record["trials"])
+    # files written before the flag existed are deterministic
+    assert read_payload(folder).get("stochastic", False) is stochastic

@@ -27,6 +27,11 @@ With activation checkpointing the encoder, every processor layer and the decoder
 in the backward pass; with ``edge_chunks`` above 1 the encoder's and decoder's edges (gnn: edge
 chunks; transformer: receiver ranges with their edges) are processed, and checkpointed, one
 chunk at a time, so only one chunk's activations are alive at once.
+
+Without gradients (forecasts, validation), a ``processor: gnn`` network runs
+:func:`~weathermodel.models.graph_inference.gnn_forward_without_grad`: the same function with
+its input-independent parts (edge embeddings and edge terms, the mesh embedding, the static
+grid features' share of the grid embedding) computed once per set of weights.
 """
 from __future__ import annotations
 
