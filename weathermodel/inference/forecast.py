@@ -267,19 +267,20 @@ def _forcing_channels_at(state: xr.DataArray, model: Forecaster, times: np.ndarr
     return dict(zip(present, torch.from_numpy(values).to(device)))
 
 
-def _predict(model: Forecaster, members: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+def _predict(model: Forecaster, members: torch.Tensor, forcings: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """One step of every member of every start date, (start, member, channel, lat, lon).
 
     The controls (member 0) of all start dates run as one batch of their own: CPU and GPU
     kernels are not always bit-identical across batch sizes (vectorised tails, GEMM
     blocking), and the control must equal the deterministic forecast of the same start
-    dates exactly.
+    dates exactly. ``generator``: of a stochastic model's noise.
     """
     starts, n_members = members.shape[:2]
     if n_members == 1:
-        return model(members[:, 0], forcings[:, 0])[:, None]
-    control = model(members[:, 0], forcings[:, 0])
-    perturbed = model(members[:, 1:].flatten(0, 1), forcings[:, 1:].flatten(0, 1))
+        return model(members[:, 0], forcings[:, 0], generator)[:, None]
+    control = model(members[:, 0], forcings[:, 0], generator)
+    perturbed = model(members[:, 1:].flatten(0, 1), forcings[:, 1:].flatten(0, 1), generator)
     return torch.cat([control[:, None], perturbed.unflatten(0, (starts, n_members - 1))], 1)
 
 
@@ -365,8 +366,9 @@ def rollout_starts(model: Forecaster, options: ForecastOptions, state: xr.DataAr
                                                                     options.data)))
         missing.append(np.isnan(initial[-1]))
     ensemble = torch.stack(members)  # (start, member, history, channel, lat, lon)
-    if model.is_stochastic:  # the model's noise: reproducible per batch of start dates
-        torch.manual_seed(options.seed * 1_000_003 + indices[0])
+    generator = None  # the model's noise: reproducible per batch of start dates, and drawn
+    if model.is_stochastic:  # without touching torch's global generator (the caller's)
+        generator = torch.Generator(device).manual_seed(options.seed * 1_000_003 + indices[0])
     # the imputer's inverse (Anemoi): outputs are missing where the initial state was
     missing_at_start = torch.from_numpy(np.stack(missing) & np.asarray(
         metadata.channel_has_missing)[:, None, None])[:, None].to(device)
@@ -379,7 +381,7 @@ def rollout_starts(model: Forecaster, options: ForecastOptions, state: xr.DataAr
             times = (starts[:, None] + window_offsets[None] + lead * step)  # (start, h + 1)
             window = forcings.at(times.ravel()).unflatten(0, shape)
             window = window[:, None].expand(-1, options.members, -1, -1, -1, -1)
-            prediction = _predict(model, ensemble, window)
+            prediction = _predict(model, ensemble, window, generator)
             observed = _forcing_channels_at(state, model, times[:, -1])
             for position, valid in enumerate(times[:, -1]):
                 if valid in observed:

@@ -250,14 +250,15 @@ class Forecaster(nn.Module):
         width = self.network_in_channels
         return slice(width - self.config.ensemble.noise_channels, width)
 
-    def noise(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+    def noise(self, batch: int, like: torch.Tensor,
+              generator: torch.Generator | None = None) -> torch.Tensor:
         """Smooth standard-normal noise (B, noise_channels, lat, lon) for one step.
 
         Values are drawn on every ``noise_length_points``-th grid point and interpolated
         bilinearly between them; on a global grid the coarse grid wraps in longitude (exactly
         periodic when the number of longitudes is a multiple of the length), so the field is
-        continuous across the date line. Draws use torch's global generator on ``like``'s
-        device (seed it for reproducible members).
+        continuous across the date line. Draws use ``generator`` (on ``like``'s device), or
+        torch's global generator when None (training, which seeds it).
         """
         ensemble = self.config.ensemble
         n_lat, n_lon = self.statics.shape[-2:]
@@ -267,7 +268,7 @@ class Forecaster(nn.Module):
         coarse_lat = -(-(n_lat - 1) // step) + 1
         coarse_lon = -(-n_lon // step) if periodic else -(-(n_lon - 1) // step) + 1
         coarse = torch.randn(batch, ensemble.noise_channels, coarse_lat, coarse_lon,
-                             device=like.device)
+                             device=like.device, generator=generator)
         if periodic:  # one more column repeats the first: one full turn of longitude
             coarse = torch.cat([coarse, coarse[..., :1]], dim=-1)
         fine_size = ((coarse_lat - 1) * step + 1, (coarse.shape[-1] - 1) * step + 1)
@@ -275,12 +276,13 @@ class Forecaster(nn.Module):
                                          align_corners=True)[..., :n_lat, :n_lon]
         return fine.to(like.dtype)
 
-    def network_inputs(self, states: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+    def network_inputs(self, states: torch.Tensor, forcings: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised, imputed, stacked inputs (B, in_channels, lat, lon).
 
         states : (B, history, C, lat, lon) physical, all channels (diagnostic ones are not
         used; NaN where missing); forcings : (B, history + 1, F, lat, lon) computed forcings at
-        the input times and the target time.
+        the input times and the target time; generator : of a stochastic model's noise.
         """
         batch = states.shape[0]
         index = self.input_channel_index
@@ -291,22 +293,23 @@ class Forecaster(nn.Module):
             pieces.append(missing.to(normalised.dtype).flatten(1, 2))
         forcing = ((forcings - self.forcing_mean) / self.forcing_std).flatten(1, 2)
         statics = self.statics.expand(batch, -1, -1, -1).to(normalised.dtype)
-        noise = [self.noise(batch, normalised)] if self.is_stochastic else []
+        noise = [self.noise(batch, normalised, generator)] if self.is_stochastic else []
         return torch.cat([*pieces, forcing, statics, *noise], dim=1)  # noise last (see
         # noise_input_columns)
 
-    def forward(self, states: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, forcings: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """Next state (B, C, lat, lon) in physical units from ``history`` states.
 
-        A stochastic model draws new noise at every call: the batch entries of a repeated
-        state are different members.
+        A stochastic model draws new noise at every call (from ``generator``, else torch's
+        global generator): the batch entries of a repeated state are different members.
         Prognostic and diagnostic channels are predicted; forcing channels are carried over
         from the last input state (:meth:`rollout` replaces them by the data when it has them).
         """
         if states.shape[1] != self.history or forcings.shape[1] != self.history + 1:
             raise ValueError(f"expected {self.history} states and {self.history + 1} forcing "
                              f"times, got {states.shape[1]} and {forcings.shape[1]}")
-        x = self.network_inputs(states, forcings)
+        x = self.network_inputs(states, forcings, generator)
         lead = torch.full((x.shape[0],), self.lead_time_hours, device=x.device)
         output = self.network(x, lead).float() * self.output_scale
         last = states[:, -1]

@@ -155,7 +155,9 @@ def model_from_payload(payload: dict[str, Any], path: str | Path = "<memory>",
     # the saved statics are already normalised; the constructor's copy is replaced just below
     # by load_state_dict, so only their shape matters here
     statics = payload["state_dict"]["statics"]
-    model = Forecaster(config, metadata, statics.numpy(), cache_dir=cache_dir)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are replaced just below:
+        # drawing them must not advance the caller's random generator
+        model = Forecaster(config, metadata, statics.numpy(), cache_dir=cache_dir)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
