@@ -332,14 +332,15 @@ def test_shipped_checkpoints_give_the_outputs_they_gave_before(name: str, tmp_pa
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("hidden_layers", [0, 1, 2])
+@pytest.mark.parametrize("hidden_layers, chunks", [(0, 1), (1, 1), (2, 1), (1, 3)])
 def test_forward_without_grad_reuses_constants_and_equals_the_autograd_path(
-        hidden_layers: int) -> None:
-    """The gnn forward without gradients (constants computed once, in-place activations)
-    equals the autograd path, for a batch of several samples; its constants are recomputed
-    after the weights change in place or are replaced, and after a dtype change."""
+        hidden_layers: int, chunks: int) -> None:
+    """The gnn forward without gradients (constants computed once, in-place activations,
+    encoder and decoder edges in ``edge_chunks``) equals the autograd path, for a batch of
+    several samples; its constants are recomputed after the weights change in place or are
+    replaced, and after a dtype change."""
     torch.manual_seed(0)
-    network = tiny_network(mlp_hidden_layers=hidden_layers)
+    network = tiny_network(mlp_hidden_layers=hidden_layers, edge_chunks=chunks)
     x = torch.randn(3, 3, 19, 36, dtype=torch.float64)
     with torch.no_grad():
         fast = network(x)
@@ -353,7 +354,7 @@ def test_forward_without_grad_reuses_constants_and_equals_the_autograd_path(
         assert network._constants is not constants
     torch.testing.assert_close(changed, network(x).detach(), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(changed, fast)
-    other = tiny_network(seed=1, mlp_hidden_layers=hidden_layers)
+    other = tiny_network(seed=1, mlp_hidden_layers=hidden_layers, edge_chunks=chunks)
     network.load_state_dict(other.state_dict())  # copied in place into the same parameters
     with torch.no_grad():
         loaded = network(x)

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from weathermodel.models.config import GraphConfig
 from weathermodel.models.graph_inference import InferenceConstants, gnn_forward_without_grad
-from weathermodel.models.graph_layers import gather_nodes, mlp, scatter_sum
+from weathermodel.models.graph_layers import edge_chunks, gather_nodes, mlp, scatter_sum
 from weathermodel.models.mesh import GridMeshGraph, cached_graph
 
 
@@ -70,7 +70,7 @@ class _EdgeSoftmaxAggregate(torch.autograd.Function):
                 bias: torch.Tensor, senders: torch.Tensor, receivers: torch.Tensor,
                 chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
         n_nodes, batch, heads, head = query.shape
-        pieces = _edge_chunks(len(senders), chunks)
+        pieces = edge_chunks(len(senders), chunks)
         # one chunk: the edge term is computed once for keys and values, and the gathered
         # queries, keys and values are kept for the backward pass (speed); several chunks:
         # everything per-edge is recomputed chunk by chunk (memory)
@@ -113,7 +113,7 @@ class _EdgeSoftmaxAggregate(torch.autograd.Function):
         grads = [torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)]
         grad_query, grad_key, grad_value = (g.view(len(g), -1) for g in grads)
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
-        for piece in _edge_chunks(len(senders), ctx.chunks):
+        for piece in edge_chunks(len(senders), ctx.chunks):
             chunk_senders, chunk_receivers = senders[piece], receivers[piece]
             chunk_weights = weights[piece]
             chunk_features = edge_features[piece]
@@ -149,12 +149,6 @@ class _EdgeSoftmaxAggregate(torch.autograd.Function):
             grad_weight.addmm_(grad_edge.T, chunk_features)
             grad_bias += grad_edge.sum(0)
         return (*grads, None, grad_weight, grad_bias, None, None, None)
-
-
-def _edge_chunks(n_edges: int, chunks: int) -> list[slice]:
-    """``chunks`` contiguous slices covering ``n_edges`` edges."""
-    bounds = np.linspace(0, n_edges, max(1, min(chunks, n_edges)) + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _edge_term(edge_features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

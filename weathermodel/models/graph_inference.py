@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from weathermodel.models.graph_layers import gather_nodes, scatter_sum
+from weathermodel.models.graph_layers import edge_chunks, gather_nodes, scatter_sum
 
 if TYPE_CHECKING:
     from weathermodel.models.graph import GraphNetwork, InteractionNetwork
@@ -92,17 +92,44 @@ def _edge_term(network: InteractionNetwork, edges_latent: torch.Tensor) -> torch
                                 first.bias)
 
 
-def _messages(network: InteractionNetwork, edge_term: torch.Tensor,
-              senders_latent: torch.Tensor, receivers_latent: torch.Tensor | None,
-              senders: torch.Tensor, receivers: torch.Tensor) -> torch.Tensor:
-    """Edge messages ``(edges, batch, latent)``; ``receivers_latent`` None: its part is in
-    ``edge_term``."""
-    _, w_sender, w_receiver = _first_layer_parts(network.edge_mlp, 3)
-    hidden = gather_nodes(nn.functional.linear(senders_latent, w_sender), senders)
-    if receivers_latent is not None:
-        hidden += gather_nodes(nn.functional.linear(receivers_latent, w_receiver), receivers)
+def _edge_messages(network: InteractionNetwork, edge_term: torch.Tensor,
+                   senders_projected: torch.Tensor, receivers_projected: torch.Tensor | None,
+                   senders: torch.Tensor, receivers: torch.Tensor) -> torch.Tensor:
+    """Edge messages ``(edges, batch, latent)`` from the first layer's node parts (``None``:
+    the receivers' part is in ``edge_term``)."""
+    hidden = gather_nodes(senders_projected, senders)
+    if receivers_projected is not None:
+        hidden += gather_nodes(receivers_projected, receivers)
     hidden += edge_term
     return apply_mlp_in_place(network.edge_mlp, hidden, first=1)
+
+
+def _node_parts(network: InteractionNetwork, senders_latent: torch.Tensor,
+                receivers_latent: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sender and receiver parts of the edge MLP's first layer, per node."""
+    _, w_sender, w_receiver = _first_layer_parts(network.edge_mlp, 3)
+    return (nn.functional.linear(senders_latent, w_sender),
+            None if receivers_latent is None
+            else nn.functional.linear(receivers_latent, w_receiver))
+
+
+def _aggregated_messages(network: InteractionNetwork, edge_term: torch.Tensor,
+                         senders_latent: torch.Tensor, receivers_latent: torch.Tensor | None,
+                         senders: torch.Tensor, receivers: torch.Tensor, n_receivers: int,
+                         chunks: int) -> torch.Tensor:
+    """The encoder's or decoder's messages summed into the receivers ``(n_receivers, batch,
+    latent)``, formed ``chunks`` edge chunks at a time (``edge_chunks``: only one chunk's
+    per-edge tensors are alive at once, as in the autograd path)."""
+    senders_projected, receivers_projected = _node_parts(network, senders_latent,
+                                                         receivers_latent)
+    total = senders_latent.new_zeros(n_receivers, *senders_latent.shape[1:])
+    for piece in edge_chunks(len(senders), chunks):
+        messages = _edge_messages(network, edge_term[piece], senders_projected,
+                                  receivers_projected, senders[piece], receivers[piece])
+        total.view(n_receivers, -1).index_add_(0, receivers[piece],
+                                               messages.view(len(messages), -1))
+    return total
 
 
 def _update_nodes(network: InteractionNetwork, receivers_latent: torch.Tensor,
@@ -130,25 +157,26 @@ def gnn_forward_without_grad(network: GraphNetwork, x: torch.Tensor,
     grid = apply_mlp_in_place(network.grid_embed, grid.add_(constants.grid_static),
                               first=1)
     n_mesh = constants.mesh.shape[0]
+    chunks = network.config.edge_chunks
     encoder = network.encoder
-    messages = _messages(encoder, constants.encoder_edges, grid, None,
-                         network.grid2mesh_senders, network.grid2mesh_receivers)
-    mesh = _update_nodes(encoder, constants.mesh.expand(-1, batch, -1),
-                         scatter_sum(messages, network.grid2mesh_receivers, n_mesh),
+    aggregated = _aggregated_messages(encoder, constants.encoder_edges, grid, None,
+                                      network.grid2mesh_senders, network.grid2mesh_receivers,
+                                      n_mesh, chunks)
+    mesh = _update_nodes(encoder, constants.mesh.expand(-1, batch, -1), aggregated,
                          constants.encoder_nodes)
     grid = grid + apply_mlp_in_place(network.grid_update, grid)
     senders, receivers = network.mesh_senders, network.mesh_receivers
     edges = constants.processor_edges
     for index, layer in enumerate(network.processor):
         edge_term = constants.processor_edge_term if index == 0 else _edge_term(layer, edges)
-        messages = _messages(layer, edge_term, mesh, mesh, senders, receivers)
+        messages = _edge_messages(layer, edge_term, *_node_parts(layer, mesh, mesh), senders,
+                                  receivers)
         if index < len(network.processor) - 1:  # the last layer's edge update is unused
             edges = edges + messages
         mesh = _update_nodes(layer, mesh, scatter_sum(messages, receivers, n_mesh))
-    decoder = network.decoder
-    messages = _messages(decoder, constants.decoder_edges, mesh, grid,
-                         network.mesh2grid_senders, network.mesh2grid_receivers)
-    grid = _update_nodes(decoder, grid,
-                         scatter_sum(messages, network.mesh2grid_receivers, grid.shape[0]))
+    aggregated = _aggregated_messages(network.decoder, constants.decoder_edges, mesh, grid,
+                                      network.mesh2grid_senders, network.mesh2grid_receivers,
+                                      grid.shape[0], chunks)
+    grid = _update_nodes(network.decoder, grid, aggregated)
     out = apply_mlp_in_place(network.output, grid)  # (lat*lon, batch, out)
     return out.permute(1, 2, 0).reshape(batch, -1, network.n_latitude, network.n_longitude)

@@ -2,6 +2,7 @@
 nodes over a node-major layout (see :mod:`weathermodel.models.graph`)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,3 +52,9 @@ class _ScatterSum(torch.autograd.Function):
 def scatter_sum(messages: torch.Tensor, receivers: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """Sum edge values ``(edges, *rest)`` into their receiving nodes: ``(n_nodes, *rest)``."""
     return _ScatterSum.apply(messages, receivers, n_nodes)
+
+
+def edge_chunks(n_edges: int, chunks: int) -> list[slice]:
+    """``chunks`` contiguous slices covering ``n_edges`` edges."""
+    bounds = np.linspace(0, n_edges, max(1, min(chunks, n_edges)) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
