@@ -18,16 +18,12 @@ deterministic forecast. Two models on the demo's store:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench_forecast_throughput import CHECKPOINT, PROJECT, demo_store
+from bench_forecast_throughput import CHECKPOINT, PROJECT, demo_store, run_forecast_child
 
 _CHILD = """
 import json, sys, time
@@ -63,15 +59,8 @@ def stochastic_checkpoint(path: Path) -> Path:
 def seconds(checkpoint: Path, store: Path, init: str, lead: str, out: Path,
             members: int) -> float:
     """Seconds of one ``forecast()`` call in a fresh process."""
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".progress"), ignore_errors=True)
-    result = subprocess.run([sys.executable, "-P", "-c", _CHILD, str(checkpoint), str(store),
-                             init, lead, str(out), str(members)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    shutil.rmtree(out, ignore_errors=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
+    return run_forecast_child(_CHILD, [str(checkpoint), str(store), init, lead, str(out),
+                                       str(members)], out)["seconds"]
 
 
 def main() -> None:

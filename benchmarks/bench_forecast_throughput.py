@@ -64,9 +64,11 @@ def demo_store(out_dir: Path) -> Path:
     return Path(prepare_store(out_dir, progress=False))
 
 
-def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap: str,
-              package_root: Path | None = None) -> dict:
-    """One forecast in a fresh process; ``package_root``: import weathermodel from there."""
+def run_forecast_child(child: str, arguments: list[str], out: Path,
+                       package_root: Path | None = None) -> dict:
+    """Run the ``child`` script (a forecast into ``out``, printing a JSON line last) in a
+    fresh process; ``package_root``: import weathermodel from there. ``out`` is removed
+    before and after."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".progress"), ignore_errors=True)
     env = dict(os.environ)
@@ -74,13 +76,19 @@ def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap:
         env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
     # -P: without it ``python -c`` puts the working directory first on sys.path, and run from
     # the repository root the "reference" child would import the current package instead
-    result = subprocess.run([sys.executable, "-P", "-c", _CHILD, str(CHECKPOINT), str(store),
-                             init, lead, str(out), batch, overlap], capture_output=True,
+    result = subprocess.run([sys.executable, "-P", "-c", child, *arguments], capture_output=True,
                             text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     shutil.rmtree(out, ignore_errors=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_child(store: Path, init: str, lead: str, out: Path, batch: str, overlap: str,
+              package_root: Path | None = None) -> dict:
+    """One forecast of the demo's checkpoint in a fresh process."""
+    return run_forecast_child(_CHILD, [str(CHECKPOINT), str(store), init, lead, str(out), batch,
+                                       overlap], out, package_root)
 
 
 def main() -> None:

@@ -296,6 +296,11 @@ def read_perturbation_file(path: str | Path) -> PerturbationSettings:
     """The :class:`PerturbationSettings` of a file written by :func:`calibrate` (or by hand:
     ``amplitude`` is required; ``length_scale_km``, ``scale``, ``symmetric``, ``bred_cycles``
     optional)."""
+    return _settings(_perturbation_contents(path), path)
+
+
+def _perturbation_contents(path: str | Path) -> dict[str, Any]:
+    """The contents of a perturbation file, checked to be one this package reads."""
     path = Path(path)
     try:
         contents = yaml.safe_load(path.read_text())
@@ -314,6 +319,11 @@ def read_perturbation_file(path: str | Path) -> PerturbationSettings:
         raise ConfigError(f"the perturbation file is of version {contents['version']}, newer "
                           f"than this package reads ({FILE_VERSION})",
                           "update weathermodel", path=str(path))
+    return contents
+
+
+def _settings(contents: dict[str, Any], path: str | Path) -> PerturbationSettings:
+    """The settings among a perturbation file's ``contents``."""
     known = {"amplitude", "length_scale_km", "scale", "symmetric", "bred_cycles"}
     try:
         return PerturbationSettings(**{k: v for k, v in contents.items() if k in known})
@@ -338,15 +348,14 @@ def checkpoint_perturbation(checkpoint: str | Path
     candidate = file.parent / CHECKPOINT_PERTURBATION_FILE
     if not candidate.is_file():
         return None
-    settings = read_perturbation_file(candidate)
-    record = yaml.safe_load(candidate.read_text()).get("calibration") or {}
-    recorded = record.get("checkpoint_digest")
+    contents = _perturbation_contents(candidate)
+    recorded = (contents.get("calibration") or {}).get("checkpoint_digest")
     if recorded and recorded != file_checksum(str(file))[0]:
         raise ConfigError(f"{candidate} was calibrated for another model file than {file} "
                           "(its checkpoint digest differs)",
                           "run 'weathermodel calibrate' for this model, or give "
                           "--perturbation / --perturbation-file", path=str(candidate))
-    return candidate, settings
+    return candidate, _settings(contents, candidate)
 
 
 def perturbation_options(settings: PerturbationSettings, explicit: bool) -> dict[str, Any]:

@@ -21,6 +21,7 @@ the data, when given, provide them along the forecast (persisted beyond), as in 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -187,13 +188,10 @@ class Predictor:
     def _perturbation_fields(self, amplitude: float | None) -> dict[str, Any]:
         """The forecast's perturbation options: the checkpoint's calibrated settings (with
         ``amplitude`` instead of theirs when given), else the defaults."""
-        if self.perturbation is None:
-            settings = (PerturbationSettings() if amplitude is None
-                        else PerturbationSettings(amplitude=amplitude))
-            return perturbation_options(settings, amplitude is not None)
-        settings = self.perturbation if amplitude is None else PerturbationSettings(
-            **{**vars(self.perturbation), "amplitude": amplitude})
-        return perturbation_options(settings, True)
+        base = self.perturbation or PerturbationSettings()
+        settings = base if amplitude is None else dataclasses.replace(base, amplitude=amplitude)
+        return perturbation_options(settings,
+                                    amplitude is not None or self.perturbation is not None)
 
     def predict(self, initial_conditions: xr.Dataset, lead: str = "5d", members: int = 1,
                 perturbation: float | None = None, seed: int = 0, on_unhealthy: str = "flag",

@@ -179,23 +179,28 @@ class InteractionNetwork(nn.Module):
         self.edge_mlp = mlp(3 * latent, latent, latent, hidden_layers)
         self.node_mlp = mlp(2 * latent, latent, latent, hidden_layers)
 
-    def project_nodes(self, senders_latent: torch.Tensor, receivers_latent: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sender and receiver parts of the edge MLP's first layer, per node."""
+    def project_nodes(self, senders_latent: torch.Tensor, receivers_latent: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sender and receiver parts of the edge MLP's first layer, per node (None for
+        receivers not given)."""
         _, w_sender, w_receiver = self.edge_mlp[0].weight.chunk(3, dim=1)
         return (nn.functional.linear(senders_latent, w_sender),
-                nn.functional.linear(receivers_latent, w_receiver))
+                None if receivers_latent is None
+                else nn.functional.linear(receivers_latent, w_receiver))
+
+    def edge_term(self, edges_latent: torch.Tensor) -> torch.Tensor:
+        """``W_e e + b``: the edge part of the edge MLP's first layer, with its bias."""
+        first = self.edge_mlp[0]
+        return nn.functional.linear(edges_latent, first.weight.chunk(3, dim=1)[0], first.bias)
 
     def messages(self, senders_projected: torch.Tensor, receivers_projected: torch.Tensor,
                  edges_latent: torch.Tensor, senders: torch.Tensor,
                  receivers: torch.Tensor) -> torch.Tensor:
         """Edge messages ``(edges, batch, latent)`` from projected node latents."""
-        first, rest = self.edge_mlp[0], self.edge_mlp[1:]
-        w_edge = first.weight.chunk(3, dim=1)[0]
-        hidden = (nn.functional.linear(edges_latent, w_edge, first.bias)
+        hidden = (self.edge_term(edges_latent)
                   + gather_nodes(senders_projected, senders)
                   + gather_nodes(receivers_projected, receivers))
-        return rest(hidden)
+        return self.edge_mlp[1:](hidden)
 
     def update_nodes(self, receivers_latent: torch.Tensor, aggregated: torch.Tensor
                      ) -> torch.Tensor:

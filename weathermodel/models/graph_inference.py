@@ -70,26 +70,18 @@ class InferenceConstants:
                                                 first.weight[:, n_inputs:], first.bias)[:, None]
         self.mesh = network.mesh_embed(network.mesh_node_features.to(dtype))[:, None]
         encoder = network.encoder
-        _, _, w_receiver = _first_layer_parts(encoder.edge_mlp, 3)
-        receivers_projected = nn.functional.linear(self.mesh, w_receiver)
+        _, receivers_projected = encoder.project_nodes(self.mesh, self.mesh)
         self.encoder_edges = (
-            _edge_term(encoder, network.g2m_edge_embed(
+            encoder.edge_term(network.g2m_edge_embed(
                 network.grid2mesh_edge_features.to(dtype))[:, None])
             + gather_nodes(receivers_projected, network.grid2mesh_receivers))
         w_nodes, _ = _first_layer_parts(encoder.node_mlp, 2)
         self.encoder_nodes = nn.functional.linear(self.mesh, w_nodes, encoder.node_mlp[0].bias)
         self.processor_edges = network.mesh_edge_embed(
             network.mesh_edge_features.to(dtype))[:, None]
-        self.processor_edge_term = _edge_term(network.processor[0], self.processor_edges)
-        self.decoder_edges = _edge_term(network.decoder, network.m2g_edge_embed(
+        self.processor_edge_term = network.processor[0].edge_term(self.processor_edges)
+        self.decoder_edges = network.decoder.edge_term(network.m2g_edge_embed(
             network.mesh2grid_edge_features.to(dtype))[:, None])
-
-
-def _edge_term(network: InteractionNetwork, edges_latent: torch.Tensor) -> torch.Tensor:
-    """``W_e e + b``: the edge part of the edge MLP's first layer, with its bias."""
-    first = network.edge_mlp[0]
-    return nn.functional.linear(edges_latent, _first_layer_parts(network.edge_mlp, 3)[0],
-                                first.bias)
 
 
 def _edge_messages(network: InteractionNetwork, edge_term: torch.Tensor,
@@ -104,16 +96,6 @@ def _edge_messages(network: InteractionNetwork, edge_term: torch.Tensor,
     return apply_mlp_in_place(network.edge_mlp, hidden, first=1)
 
 
-def _node_parts(network: InteractionNetwork, senders_latent: torch.Tensor,
-                receivers_latent: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The sender and receiver parts of the edge MLP's first layer, per node."""
-    _, w_sender, w_receiver = _first_layer_parts(network.edge_mlp, 3)
-    return (nn.functional.linear(senders_latent, w_sender),
-            None if receivers_latent is None
-            else nn.functional.linear(receivers_latent, w_receiver))
-
-
 def _aggregated_messages(network: InteractionNetwork, edge_term: torch.Tensor,
                          senders_latent: torch.Tensor, receivers_latent: torch.Tensor | None,
                          senders: torch.Tensor, receivers: torch.Tensor, n_receivers: int,
@@ -121,8 +103,8 @@ def _aggregated_messages(network: InteractionNetwork, edge_term: torch.Tensor,
     """The encoder's or decoder's messages summed into the receivers ``(n_receivers, batch,
     latent)``, formed ``chunks`` edge chunks at a time (``edge_chunks``: only one chunk's
     per-edge tensors are alive at once, as in the autograd path)."""
-    senders_projected, receivers_projected = _node_parts(network, senders_latent,
-                                                         receivers_latent)
+    senders_projected, receivers_projected = network.project_nodes(senders_latent,
+                                                                   receivers_latent)
     total = senders_latent.new_zeros(n_receivers, *senders_latent.shape[1:])
     for piece in edge_chunks(len(senders), chunks):
         messages = _edge_messages(network, edge_term[piece], senders_projected,
@@ -168,8 +150,8 @@ def gnn_forward_without_grad(network: GraphNetwork, x: torch.Tensor,
     senders, receivers = network.mesh_senders, network.mesh_receivers
     edges = constants.processor_edges
     for index, layer in enumerate(network.processor):
-        edge_term = constants.processor_edge_term if index == 0 else _edge_term(layer, edges)
-        messages = _edge_messages(layer, edge_term, *_node_parts(layer, mesh, mesh), senders,
+        edge_term = constants.processor_edge_term if index == 0 else layer.edge_term(edges)
+        messages = _edge_messages(layer, edge_term, *layer.project_nodes(mesh, mesh), senders,
                                   receivers)
         if index < len(network.processor) - 1:  # the last layer's edge update is unused
             edges = edges + messages
