@@ -7,6 +7,7 @@ with the code they were trained with.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -360,6 +361,16 @@ def test_forward_without_grad_reuses_constants_and_equals_the_autograd_path(
         loaded = network(x)
     assert not torch.allclose(loaded, changed)
     torch.testing.assert_close(loaded, other(x).detach(), rtol=1e-10, atol=1e-12)
+    first = network.decoder.edge_mlp[0]  # a parameter object replaced in its module
+    first.weight = torch.nn.Parameter(first.weight.detach() * 0.5)
+    with torch.no_grad():
+        replaced = network(x)
+    assert not torch.allclose(replaced, loaded)
+    torch.testing.assert_close(replaced, network(x).detach(), rtol=1e-10, atol=1e-12)
+    network.decoder = copy.deepcopy(other.decoder)  # a submodule replaced
+    with torch.no_grad():
+        swapped = network(x)
+    torch.testing.assert_close(swapped, loaded, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         single = network.float()(x.float())
     torch.testing.assert_close(single, other(x).float().detach(), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ import xarray as xr
 
 from weathermodel.configuration import from_dict
 from weathermodel.data.config import DataConfig, DateRange, PrepareConfig
-from weathermodel.data.chunkread import TimeSliceReader
+from weathermodel.data.chunk_files import TimeSliceReader
 from weathermodel.data.datamodule import WeatherDataModule
 from weathermodel.data.dataset import WindowDataset
 from weathermodel.data.prepare import prepare

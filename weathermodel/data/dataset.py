@@ -20,7 +20,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from weathermodel.data import store as store_layout
-from weathermodel.data.chunkread import TimeSliceReader, open_readers
+from weathermodel.data.chunk_files import TimeSliceReader, open_readers
 from weathermodel.data.config import DataConfig, DateRange, parse_time, parse_timedelta
 from weathermodel.data.statistics import period_indices, period_label, store_statistics
 from weathermodel.data.store import open_store

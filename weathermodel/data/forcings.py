@@ -284,11 +284,11 @@ def toa_incident_solar_radiation(
     offsets_days = -period_days + (np.arange(bins) + 0.5) * (period_days / bins)
 
     out = np.empty((times.size, lat.size, lon.size), dtype=np.float32)
-    for chunk in _time_chunks(times.size, lat.size * lon.size):
-        total = np.zeros((end_days[chunk].size, lat.size, lon.size), dtype=np.float64)
-        for offset in offsets_days:
-            total += _flux_at_days(end_days[chunk] + offset, lat, lon)
-        out[chunk] = total * (period_ns / 1e9 / bins)
+    # every bin of a chunk's times in one evaluation: (time, bin) flattened
+    for chunk in _time_chunks(times.size, bins * lat.size * lon.size):
+        days = (end_days[chunk][:, None] + offsets_days[None]).ravel()
+        flux = _flux_at_days(days, lat, lon).reshape(-1, bins, lat.size, lon.size)
+        out[chunk] = flux.sum(axis=1) * (period_ns / 1e9 / bins)
     return out
 
 

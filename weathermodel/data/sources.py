@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -232,6 +233,13 @@ def _open_netcdf(path: str) -> xr.Dataset:
         log.info("%s: time units are not CF; decoding them later", path)
         ds = xr.open_dataset(path, decode_times=False)
     return chunk_by_time(ds)
+
+
+def read_here(array: xr.DataArray) -> np.ndarray:
+    """The values of a small lazy selection (a few time steps), read in the calling thread by
+    dask's synchronous scheduler: no thread pool to start per read and no ``dask.distributed``
+    import (half a second, once per process, when dask looks for a distributed client)."""
+    return array.compute(scheduler=dask.get).values
 
 
 def open_path(path: str) -> xr.Dataset:

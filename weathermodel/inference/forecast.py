@@ -38,9 +38,10 @@ import weathermodel
 from weathermodel import conventions
 from weathermodel.data.config import parse_time, parse_timedelta
 from weathermodel.data.forcings import compute_forcings
-from weathermodel.data.sources import file_checksum
+from weathermodel.data.sources import file_checksum, read_here
 from weathermodel.data.store import remove_partial_writes
 from weathermodel.errors import ConfigError, DataError, WeatherModelError
+from weathermodel.host_memory import keep_freed_memory
 from weathermodel.inference import output
 from weathermodel.inference.contract import check_value_ranges, open_initial_conditions
 from weathermodel.inference.grib import forecast_store_to_grib
@@ -183,7 +184,7 @@ def _initial_states(state: xr.DataArray, inits: np.ndarray, history: int,
                         f"{missing}, which the data does not have",
                         "choose start dates the data covers", path=where)
     times, positions = np.unique(wanted.ravel(), return_inverse=True)
-    values = state.sel(time=times).values[:, 0]  # (time, channel, lat, lon)
+    values = read_here(state.sel(time=times))[:, 0]  # (time, channel, lat, lon)
     return values[positions.reshape(wanted.shape)]
 
 
@@ -262,7 +263,7 @@ def _forcing_channels_at(state: xr.DataArray, model: Forecaster, times: np.ndarr
     present = [t for t in np.unique(times) if t in state.indexes["time"]]
     if not present:
         return {}
-    values = state.isel(channel=index).sel(time=present).values[:, 0]  # (time, channel, y, x)
+    values = read_here(state.isel(channel=index).sel(time=present))[:, 0]  # (time, ch, y, x)
     device = model.forcing_channel_index.device
     return dict(zip(present, torch.from_numpy(values).to(device)))
 
@@ -353,6 +354,7 @@ def rollout_starts(model: Forecaster, options: ForecastOptions, state: xr.DataAr
     DataError : the data lacks a history state, or an initial value is missing or outside
         the training range.
     """
+    keep_freed_memory()  # the same tensor sizes every step: reuse, don't page-fault
     metadata = model.metadata
     step = np.timedelta64(metadata.time_step_seconds, "s")
     history = model.history

@@ -12,19 +12,24 @@ exceeds the free space of its file system is refused before anything is written.
 """
 from __future__ import annotations
 
+import base64
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 
 from weathermodel import conventions
+from weathermodel.data.chunk_files import array_metadata, plain_chunk_shape, write_chunk
 from weathermodel.data.store import chunk_files_bytes, require_free_space
 from weathermodel.models.forecaster import ModelMetadata
+
+
+#: NaN as xarray records a float ``_FillValue`` in zarr v3 attributes (base64 of its float64)
+_NAN_FILL_VALUE = base64.standard_b64encode(np.float64(np.nan).tobytes()).decode()
 
 
 def variable_layout(metadata: ModelMetadata) -> dict[str, list[tuple[int, float]]]:
@@ -106,23 +111,25 @@ def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.nd
     leads = (np.arange(1, n_leads + 1) * step).astype("timedelta64[ns]")
     n_levels = len(all_levels(metadata))
     n_lead_dims = 3 if n_members > 1 else 2
-    data_vars, encoding = {}, {}
+    # the coordinates through xarray; the empty variables straight through zarr: written
+    # through xarray as dask arrays, they made xarray import dask.distributed (0.45 s)
+    coordinates = xr.Dataset(coords=forecast_coords(metadata, init_times, leads, n_members),
+                             attrs={"Conventions": "CF-1.8", "weathermodel_forecast": attrs})
+    coordinates.to_zarr(path, mode="w", zarr_format=3, consolidated=False,
+                        encoding={"valid_time": {"units": "hours since 1970-01-01",
+                                                 "dtype": "int64"}})
+    group = zarr.open_group(str(path), mode="r+")
     for name, pairs in variable_layout(metadata).items():
         has_levels = not np.isnan(pairs[0][1])
         shape = [init_times.size] + ([n_members] if n_members > 1 else []) + [n_leads] + (
             [n_levels] if has_levels else []) + [len(metadata.latitude), len(metadata.longitude)]
         chunks = [1] * n_lead_dims + shape[n_lead_dims:]
-        data_vars[name] = (_variable_dims(has_levels, n_members),
-                           da.full(shape, np.nan, dtype="float32", chunks=-1),
-                           _variable_attrs(metadata, name))
-        encoding[name] = {"chunks": tuple(chunks), "compressors": None}
-    dataset = xr.Dataset(data_vars, coords=forecast_coords(metadata, init_times, leads,
-                                                           n_members),
-                         attrs={"Conventions": "CF-1.8", "weathermodel_forecast": attrs})
-    for name in ("valid_time",):
-        encoding[name] = {"units": "hours since 1970-01-01", "dtype": "int64"}
-    dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False,
-                    encoding=encoding)
+        group.create_array(name, shape=shape, chunks=chunks, dtype="float32",
+                           fill_value=np.nan, compressors=None,
+                           dimension_names=_variable_dims(has_levels, n_members),
+                           attributes={**_variable_attrs(metadata, name),
+                                       "coordinates": "valid_time",
+                                       "_FillValue": _NAN_FILL_VALUE})
 
 
 def split_variables(metadata: ModelMetadata, state: np.ndarray) -> dict[str, np.ndarray]:
@@ -164,13 +171,25 @@ def lead_dataset(metadata: ModelMetadata, state: np.ndarray, init_times: np.ndar
 
 
 class LeadWriter:
-    """Writes one lead (all channels, all members) of start dates into the store."""
+    """Writes one lead (all channels, all members) of start dates into the store.
+
+    Each (start date, member, lead) of a variable is one chunk; in the plain layout that
+    :func:`create_forecast_store` makes, chunks are written as files directly
+    (:func:`~weathermodel.data.chunk_files.write_chunk`, atomic), otherwise through zarr.
+    """
 
     def __init__(self, path: Path, metadata: ModelMetadata, n_members: int) -> None:
         group = zarr.open_group(str(path), mode="r+")
         self.metadata = metadata
         self.arrays = {name: group[name] for name in variable_layout(metadata)}
         self.n_members = n_members
+        lead_dims = 3 if n_members > 1 else 2  # (time, [number,] prediction_timedelta)
+        self.chunk_dirs: dict[str, Path] | None = {name: Path(path) / name
+                                                   for name in self.arrays}
+        for name, array in self.arrays.items():
+            chunks = plain_chunk_shape(array_metadata(Path(path) / name))
+            if chunks != (1,) * lead_dims + tuple(array.shape[lead_dims:]):
+                self.chunk_dirs = None  # not plain, or not one chunk per lead: zarr writes
 
     def write(self, time_index: int, lead_index: int, state: np.ndarray) -> None:
         """state: (members, channel, lat, lon) float32."""
@@ -178,9 +197,18 @@ class LeadWriter:
 
     def write_starts(self, time_indices: list[int], lead_index: int, state: np.ndarray) -> None:
         """state: (start, members, channel, lat, lon) float32, for the start dates at
-        ``time_indices`` of the store; consecutive start dates are written in one call (zarr
-        writes their chunks concurrently)."""
+        ``time_indices`` of the store."""
         values_of = split_variables(self.metadata, state)
+        if self.chunk_dirs is not None:
+            for name, values in values_of.items():  # (start, member, [level,] lat, lon)
+                tail = (0,) * (values.ndim - 2)  # [level,] lat, lon: whole in the chunk
+                for position, time_index in enumerate(time_indices):
+                    for member in range(self.n_members):
+                        members = (member,) if self.n_members > 1 else ()
+                        write_chunk(self.chunk_dirs[name],
+                                    (time_index, *members, lead_index, *tail),
+                                    values[position, member])
+            return
         runs = np.split(np.arange(len(time_indices)),
                         np.flatnonzero(np.diff(time_indices) != 1) + 1)
         for name, values in values_of.items():

@@ -50,6 +50,7 @@ from weathermodel.data.datamodule import WeatherDataModule, to_device
 from weathermodel.data.dataset import training_summary
 from weathermodel.data.weights import latitude_weights
 from weathermodel.errors import ConfigError, WeatherModelError
+from weathermodel.host_memory import keep_freed_memory
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
 from weathermodel.models.io import read_payload, save_model
 from weathermodel.models.loss import WeightedCRPSLoss, WeightedMSELoss
@@ -263,6 +264,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.config, self.progress = config, progress
         self.run_dir = Path(config.run_dir)
+        keep_freed_memory()  # every step frees and allocates the same sizes: reuse them
         # a new version folder per launch: a resumed run never overwrites earlier logs
         loggers = [CSVLogger(str(self.run_dir), name="logs", flush_logs_every_n_steps=1),
                    TensorBoardLogger(str(self.run_dir), name="tensorboard")]
