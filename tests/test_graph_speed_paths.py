@@ -17,6 +17,7 @@ import torch
 from weathermodel.configuration import from_dict
 from weathermodel.errors import ConfigError
 from weathermodel.models.config import GraphConfig
+from weathermodel.models.graph_layers import uniform_degree
 from weathermodel.models.graph import (GraphNetwork, GraphTransformerLayer,
                                        GraphTransformerMapper, InteractionNetwork, gather_nodes,
                                        scatter_sum)
@@ -346,6 +347,7 @@ def test_forward_without_grad_reuses_constants_and_equals_the_autograd_path(
     with torch.no_grad():
         fast = network(x)
         constants = network._constants
+        assert constants.decoder_degree == 3  # triangle: sums into grid nodes are reshapes
         assert network(x) is not fast and network._constants is constants  # reused
     torch.testing.assert_close(fast, network(x).detach(), rtol=1e-10, atol=1e-12)
     assert not torch.equal(fast[0], fast[1])  # the samples of the batch stay apart
@@ -374,3 +376,14 @@ def test_forward_without_grad_reuses_constants_and_equals_the_autograd_path(
     with torch.no_grad():
         single = network.float()(x.float())
     torch.testing.assert_close(single, other(x).float().detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_degree_only_for_receiver_ordered_equal_degrees() -> None:
+    """Reshape sums are used only where edge ``e`` goes into receiver ``e // k``."""
+    assert uniform_degree(torch.tensor([0, 0, 0, 1, 1, 1]), 2) == 3
+    assert uniform_degree(torch.tensor([0, 0, 1, 1, 1, 0]), 2) is None  # unsorted
+    assert uniform_degree(torch.tensor([0, 0, 1, 1, 1, 1]), 2) is None  # unequal degrees
+    assert uniform_degree(torch.tensor([0, 0, 2, 2]), 3) is None  # a receiver without edges
+    network = tiny_network(mesh_to_grid="knn")
+    receivers = network.mesh2grid_receivers
+    assert uniform_degree(receivers, network.grid_node_features.shape[0]) == 3

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from weathermodel.models.graph_layers import edge_chunks, gather_nodes, scatter_sum
+from weathermodel.models.graph_layers import (edge_chunks, gather_nodes, scatter_sum,
+                                              uniform_degree)
 
 if TYPE_CHECKING:
     from weathermodel.models.graph import GraphNetwork, InteractionNetwork
@@ -57,6 +58,8 @@ class InferenceConstants:
     processor_edges : the embedded mesh edges (input of the first processor layer).
     processor_edge_term : ``W_e e + b`` of the first processor layer (``mesh`` edges).
     decoder_edges : ``W_e e + b`` of the decoder (``mesh2grid`` edges).
+    decoder_degree : edges per grid node when every grid node has the same number, in
+        receiver order (``mesh_to_grid: triangle``: 3), else None.
     """
 
     def __init__(self, network: GraphNetwork, dtype: torch.dtype) -> None:
@@ -82,6 +85,8 @@ class InferenceConstants:
         self.processor_edge_term = network.processor[0].edge_term(self.processor_edges)
         self.decoder_edges = network.decoder.edge_term(network.m2g_edge_embed(
             network.mesh2grid_edge_features.to(dtype))[:, None])
+        self.decoder_degree = uniform_degree(network.mesh2grid_receivers,
+                                             network.grid_node_features.shape[0])
 
 
 def _edge_messages(network: InteractionNetwork, edge_term: torch.Tensor,
@@ -99,12 +104,24 @@ def _edge_messages(network: InteractionNetwork, edge_term: torch.Tensor,
 def _aggregated_messages(network: InteractionNetwork, edge_term: torch.Tensor,
                          senders_latent: torch.Tensor, receivers_latent: torch.Tensor | None,
                          senders: torch.Tensor, receivers: torch.Tensor, n_receivers: int,
-                         chunks: int) -> torch.Tensor:
+                         chunks: int, degree: int | None = None) -> torch.Tensor:
     """The encoder's or decoder's messages summed into the receivers ``(n_receivers, batch,
     latent)``, formed ``chunks`` edge chunks at a time (``edge_chunks``: only one chunk's
-    per-edge tensors are alive at once, as in the autograd path)."""
+    per-edge tensors are alive at once, as in the autograd path). ``degree``: see
+    :func:`~weathermodel.models.graph_layers.uniform_degree`; the receivers' terms are then
+    broadcast onto the edges and the sums are reshapes, not gathers and scatters."""
     senders_projected, receivers_projected = network.project_nodes(senders_latent,
                                                                    receivers_latent)
+    if degree is not None and receivers_projected is not None:
+        total = senders_latent.new_empty(n_receivers, *senders_latent.shape[1:])
+        for nodes in edge_chunks(n_receivers, chunks):
+            edges = slice(nodes.start * degree, nodes.stop * degree)
+            hidden = gather_nodes(senders_projected, senders[edges])
+            hidden += edge_term[edges]
+            hidden.unflatten(0, (-1, degree)).add_(receivers_projected[nodes, None])
+            messages = apply_mlp_in_place(network.edge_mlp, hidden, first=1)
+            torch.sum(messages.unflatten(0, (-1, degree)), dim=1, out=total[nodes])
+        return total
     total = senders_latent.new_zeros(n_receivers, *senders_latent.shape[1:])
     for piece in edge_chunks(len(senders), chunks):
         messages = _edge_messages(network, edge_term[piece], senders_projected,
@@ -158,7 +175,7 @@ def gnn_forward_without_grad(network: GraphNetwork, x: torch.Tensor,
         mesh = _update_nodes(layer, mesh, scatter_sum(messages, receivers, n_mesh))
     aggregated = _aggregated_messages(network.decoder, constants.decoder_edges, mesh, grid,
                                       network.mesh2grid_senders, network.mesh2grid_receivers,
-                                      grid.shape[0], chunks)
+                                      grid.shape[0], chunks, constants.decoder_degree)
     grid = _update_nodes(network.decoder, grid, aggregated)
     out = apply_mlp_in_place(network.output, grid)  # (lat*lon, batch, out)
     return out.permute(1, 2, 0).reshape(batch, -1, network.n_latitude, network.n_longitude)

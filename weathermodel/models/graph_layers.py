@@ -58,3 +58,14 @@ def edge_chunks(n_edges: int, chunks: int) -> list[slice]:
     """``chunks`` contiguous slices covering ``n_edges`` edges."""
     bounds = np.linspace(0, n_edges, max(1, min(chunks, n_edges)) + 1).round().astype(int)
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def uniform_degree(receivers: torch.Tensor, n_receivers: int) -> int | None:
+    """``k`` when edges sorted by receiver give every receiver exactly ``k`` edges (edge ``e``
+    goes into receiver ``e // k``, as ``mesh_to_grid: triangle`` makes), else None. Sums into
+    such receivers are a reshape and a sum; their values reach the edges by broadcasting."""
+    if n_receivers == 0 or receivers.numel() == 0 or receivers.numel() % n_receivers:
+        return None
+    degree = receivers.numel() // n_receivers
+    expected = torch.arange(n_receivers, device=receivers.device).repeat_interleave(degree)
+    return degree if torch.equal(receivers, expected) else None
