@@ -25,6 +25,7 @@ from weathermodel.data.forcings import compute_forcings
 from weathermodel.data.prepare import prepare
 from weathermodel.errors import DataError
 from weathermodel.inference import forecast as forecast_module
+from weathermodel.inference import output
 from weathermodel.inference.forecast import ForecastOptions, forecast, parse_init_times
 from weathermodel.models.config import GraphConfig, ModelConfig
 from weathermodel.models.forecaster import Forecaster, ModelMetadata
@@ -506,3 +507,37 @@ def test_refuses_an_output_folder_that_cannot_be_written(setup: dict, tmp_path: 
         assert not (locked / "out.zarr").exists()
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_leads_written_as_chunk_files_equal_zarr_writes(tmp_path: Path, members: int) -> None:
+    """Leads written straight into chunk files (the plain layout of a new forecast store) read
+    back exactly as zarr's own writes of the same values, for pressure-level and surface
+    variables, one member or several, start dates not consecutive; the other start dates stay
+    missing and no temporary file is left."""
+    metadata = load_model(PROJECT / "checkpoints" / "speedy_crps_2000").metadata
+    inits = parse_init_times("2001-01-01/2001-01-03/1d")
+    shape = (2, members, len(metadata.channels), len(metadata.latitude),
+             len(metadata.longitude))
+    stores = {}
+    for mode in ("files", "zarr"):
+        path = tmp_path / f"{mode}.zarr"
+        output.create_forecast_store(path, metadata, inits, 2, members, {})
+        writer = output.LeadWriter(path, metadata, members)
+        assert writer.chunk_dirs is not None  # the store is plain: files are written
+        if mode == "zarr":
+            writer.chunk_dirs = None
+        values = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+        for lead in range(2):
+            writer.write_starts([0, 2], lead, values[lead])
+        assert not list(path.rglob("*.partial"))
+        stores[mode] = xr.open_zarr(path, consolidated=False).load()
+    files, written = stores["files"], stores["zarr"]
+    assert set(files.data_vars) == set(written.data_vars)
+    assert any("level" in files[name].dims for name in files.data_vars)
+    for name in files.data_vars:
+        np.testing.assert_array_equal(files[name].values, written[name].values)
+        assert np.isnan(files[name].isel(time=1).values).all()
+        assert np.isfinite(files[name].isel(time=0).sel(level=500.0).values
+                           if "level" in files[name].dims else
+                           files[name].isel(time=0).values).all()
