@@ -412,8 +412,8 @@ class GraphNetwork(nn.Module):
 
     def _inference_constants(self, x: torch.Tensor) -> InferenceConstants:
         """The input-independent tensors of a forward pass without gradients, recomputed when
-        a parameter is replaced or changed in place, or the dtype, device or autocast state
-        differs from the last call."""
+        a parameter is replaced or changed in place, a direct submodule is replaced, or the
+        dtype, device or autocast state differs from the last call."""
         children = tuple(map(id, self.children()))
         if getattr(self, "_parameter_slots", (None,))[0] != children:  # a submodule replaced
             self._parameter_slots = (children, [(module._parameters, name)
