@@ -4,8 +4,9 @@ glibc's ``malloc`` serves blocks of 128 KiB and more from fresh ``mmap`` pages a
 when they are freed (and trims the top of its heap), so a loop whose tensors are freed and
 allocated again at the same sizes every step, a forecast's rollout or a training loop on CPU,
 touches all of its memory afresh at every step and pays a page fault per 4 KiB. Measured on
-the demo's graph network (batch 4, one thread): about 4,500 page faults per forward pass,
-which took 1.5x to 1.9x the time of the same pass without them. PyTorch's CPU performance
+the demo's graph network (batch 4, one thread): 2,500-4,500 page faults per forward pass,
+which took 1.2x to 1.9x the time of the same pass without them (``benchmarks/
+bench_host_memory.py``; the cost of a fault varies with the machine's load). PyTorch's CPU performance
 guide recommends a caching allocator (jemalloc or tcmalloc, preloaded) for this;
 :func:`keep_freed_memory` gets the same reuse from glibc itself, with two ``mallopt`` settings:
 
