@@ -96,6 +96,13 @@ def forecast_coords(metadata: ModelMetadata, init_times: np.ndarray, leads: np.n
     return coords
 
 
+def _lead_chunks(shape: list[int] | tuple[int, ...], n_members: int) -> tuple[int, ...]:
+    """The chunk shape of a variable of ``shape``: one (start date, [member,] lead) per chunk,
+    whole along [level,] latitude and longitude."""
+    lead_dims = 3 if n_members > 1 else 2  # time, [number,] prediction_timedelta
+    return (1,) * lead_dims + tuple(shape[lead_dims:])
+
+
 def _variable_dims(has_levels: bool, n_members: int) -> list[str]:
     return (["time"] + (["number"] if n_members > 1 else []) + ["prediction_timedelta"]
             + (["level"] if has_levels else []) + ["latitude", "longitude"])
@@ -110,7 +117,6 @@ def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.nd
     step = np.timedelta64(metadata.time_step_seconds, "s")
     leads = (np.arange(1, n_leads + 1) * step).astype("timedelta64[ns]")
     n_levels = len(all_levels(metadata))
-    n_lead_dims = 3 if n_members > 1 else 2
     # the coordinates through xarray; the empty variables straight through zarr: written
     # through xarray as dask arrays, they made xarray import dask.distributed (0.45 s)
     coordinates = xr.Dataset(coords=forecast_coords(metadata, init_times, leads, n_members),
@@ -123,9 +129,8 @@ def create_forecast_store(path: Path, metadata: ModelMetadata, init_times: np.nd
         has_levels = not np.isnan(pairs[0][1])
         shape = [init_times.size] + ([n_members] if n_members > 1 else []) + [n_leads] + (
             [n_levels] if has_levels else []) + [len(metadata.latitude), len(metadata.longitude)]
-        chunks = [1] * n_lead_dims + shape[n_lead_dims:]
-        group.create_array(name, shape=shape, chunks=chunks, dtype="float32",
-                           fill_value=np.nan, compressors=None,
+        group.create_array(name, shape=shape, chunks=_lead_chunks(shape, n_members),
+                           dtype="float32", fill_value=np.nan, compressors=None,
                            dimension_names=_variable_dims(has_levels, n_members),
                            attributes={**_variable_attrs(metadata, name),
                                        "coordinates": "valid_time",
@@ -183,12 +188,11 @@ class LeadWriter:
         self.metadata = metadata
         self.arrays = {name: group[name] for name in variable_layout(metadata)}
         self.n_members = n_members
-        lead_dims = 3 if n_members > 1 else 2  # (time, [number,] prediction_timedelta)
         self.chunk_dirs: dict[str, Path] | None = {name: Path(path) / name
                                                    for name in self.arrays}
         for name, array in self.arrays.items():
             chunks = plain_chunk_shape(array_metadata(Path(path) / name))
-            if chunks != (1,) * lead_dims + tuple(array.shape[lead_dims:]):
+            if chunks != _lead_chunks(array.shape, n_members):
                 self.chunk_dirs = None  # not plain, or not one chunk per lead: zarr writes
 
     def write(self, time_index: int, lead_index: int, state: np.ndarray) -> None:

@@ -91,11 +91,17 @@ class InferenceConstants:
 
 def _edge_messages(network: InteractionNetwork, edge_term: torch.Tensor,
                    senders_projected: torch.Tensor, receivers_projected: torch.Tensor | None,
-                   senders: torch.Tensor, receivers: torch.Tensor) -> torch.Tensor:
+                   senders: torch.Tensor, receivers: torch.Tensor | None,
+                   degree: int | None = None) -> torch.Tensor:
     """Edge messages ``(edges, batch, latent)`` from the first layer's node parts (``None``:
-    the receivers' part is in ``edge_term``)."""
+    the receivers' part is in ``edge_term``). With ``degree`` (see
+    :func:`~weathermodel.models.graph_layers.uniform_degree`), ``receivers_projected`` holds
+    the receivers of these edges in order, each broadcast onto its ``degree`` edges, and
+    ``receivers`` is not needed."""
     hidden = gather_nodes(senders_projected, senders)
-    if receivers_projected is not None:
+    if receivers_projected is not None and degree is not None:
+        hidden.unflatten(0, (-1, degree)).add_(receivers_projected[:, None])
+    elif receivers_projected is not None:
         hidden += gather_nodes(receivers_projected, receivers)
     hidden += edge_term
     return apply_mlp_in_place(network.edge_mlp, hidden, first=1)
@@ -116,10 +122,8 @@ def _aggregated_messages(network: InteractionNetwork, edge_term: torch.Tensor,
         total = senders_latent.new_empty(n_receivers, *senders_latent.shape[1:])
         for nodes in edge_chunks(n_receivers, chunks):
             edges = slice(nodes.start * degree, nodes.stop * degree)
-            hidden = gather_nodes(senders_projected, senders[edges])
-            hidden += edge_term[edges]
-            hidden.unflatten(0, (-1, degree)).add_(receivers_projected[nodes, None])
-            messages = apply_mlp_in_place(network.edge_mlp, hidden, first=1)
+            messages = _edge_messages(network, edge_term[edges], senders_projected,
+                                      receivers_projected[nodes], senders[edges], None, degree)
             torch.sum(messages.unflatten(0, (-1, degree)), dim=1, out=total[nodes])
         return total
     total = senders_latent.new_zeros(n_receivers, *senders_latent.shape[1:])
