@@ -541,3 +541,48 @@ def test_leads_written_as_chunk_files_equal_zarr_writes(tmp_path: Path, members:
         assert np.isfinite(files[name].isel(time=0).sel(level=500.0).values
                            if "level" in files[name].dims else
                            files[name].isel(time=0).values).all()
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_empty_store_is_written_as_xarray_writes_it(tmp_path: Path, members: int) -> None:
+    """The empty forecast store, written straight through zarr, holds the coordinates and
+    group attributes exactly as xarray's ``to_zarr`` of the same coordinates writes them (the
+    oracle): every zarr.json equal, every coordinate chunk equal byte for byte."""
+    metadata = load_model(PROJECT / "checkpoints" / "speedy_crps_2000").metadata
+    inits = parse_init_times("2001-01-01/2001-01-03T12/12h")
+    attrs = {"fingerprint": "abc", "complete": False, "nested": [1, 2]}
+    path, oracle = tmp_path / "store.zarr", tmp_path / "oracle.zarr"
+    output.create_forecast_store(path, metadata, inits, 3, members, attrs)
+    leads = (np.arange(1, 4) * np.timedelta64(metadata.time_step_seconds, "s")
+             ).astype("timedelta64[ns]")
+    xr.Dataset(coords=output.forecast_coords(metadata, inits, leads, members),
+               attrs={"Conventions": "CF-1.8", "weathermodel_forecast": attrs}).to_zarr(
+        oracle, mode="w", zarr_format=3, consolidated=False,
+        encoding={"valid_time": {"units": "hours since 1970-01-01", "dtype": "int64"}})
+    oracle_files = sorted(p.relative_to(oracle) for p in oracle.rglob("*") if p.is_file())
+    assert len(oracle_files) >= 12 + (2 if members > 1 else 0)  # level and number included
+    for name in oracle_files:
+        mine, theirs = (path / name).read_bytes(), (oracle / name).read_bytes()
+        if name.name == "zarr.json":
+            assert json.loads(mine) == json.loads(theirs), name
+        else:
+            assert mine == theirs, name
+    assert set(xr.open_zarr(path, consolidated=False).data_vars) == set(
+        output.variable_layout(metadata))
+
+
+def test_forecast_process_imports_neither_dask_array_nor_scipy_spatial(setup: dict,
+                                                                       tmp_path: Path) -> None:
+    """A forecast from a training store, its graph cached, reads without dask and builds no
+    k-d tree: ``weathermodel forecast`` in a fresh process never imports ``dask.array`` or
+    ``scipy.spatial`` (0.3 s each), and writes the same values as the reference run."""
+    out = tmp_path / "out.zarr"
+    child = ("import sys; from weathermodel.cli import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in ('dask.array', 'scipy.spatial') if m in sys.modules)); "
+             "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-P", "-c", child, *_args(setup, out)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+    assert_same_store(out, setup["reference"])

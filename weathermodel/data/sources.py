@@ -182,11 +182,12 @@ def _open_grib(path: str) -> xr.Dataset:
         return xr.merge(parts, compat="override", join="outer")
 
 
-def _open_zarr(path: str) -> xr.Dataset:
+def _open_zarr(path: str, chunked: bool = True) -> xr.Dataset:
+    chunks = {} if chunked else None
     try:
-        return xr.open_zarr(path, consolidated=True, chunks={}, decode_times=True)
+        return xr.open_zarr(path, consolidated=True, chunks=chunks, decode_times=True)
     except (KeyError, FileNotFoundError, ValueError):
-        return xr.open_zarr(path, consolidated=False, chunks={}, decode_times=True)
+        return xr.open_zarr(path, consolidated=False, chunks=chunks, decode_times=True)
 
 
 def chunk_by_time(ds: xr.Dataset, steps: int = 8) -> xr.Dataset:
@@ -236,14 +237,21 @@ def _open_netcdf(path: str) -> xr.Dataset:
 
 
 def read_here(array: xr.DataArray) -> np.ndarray:
-    """The values of a small lazy selection (a few time steps), read in the calling thread by
-    dask's synchronous scheduler: no thread pool to start per read and no ``dask.distributed``
-    import (half a second, once per process, when dask looks for a distributed client)."""
+    """The values of a small lazy selection (a few time steps), read in the calling thread:
+    dask-backed by dask's synchronous scheduler (no thread pool to start per read and no
+    ``dask.distributed`` import, half a second once per process, when dask looks for a
+    distributed client); opened without dask (``open_path(chunked=False)``) straight through
+    the backend."""
     return array.compute(scheduler=dask.get).values
 
 
-def open_path(path: str) -> xr.Dataset:
+def open_path(path: str, chunked: bool = True) -> xr.Dataset:
     """Open one path lazily (dask-backed) with the engine its type needs.
+
+    ``chunked=False`` opens a zarr store lazily without dask: selections read only the
+    chunks they need, through zarr in the calling thread. That suits a few small reads (a
+    forecast's initial states) and skips importing ``dask.array`` (0.3 s) and building a
+    graph per read; operations that combine variables (``xr.concat``) would load them whole.
 
     Raises
     ------
@@ -254,7 +262,7 @@ def open_path(path: str) -> xr.Dataset:
         if lower.endswith(GRIB_SUFFIXES):
             return _open_grib(path)
         if lower.endswith((".zarr", ".zarr.zip")) or is_url(path) or os.path.isdir(path):
-            return _open_zarr(path)
+            return _open_zarr(path, chunked)
         return _open_netcdf(path)
     except DataError:
         raise

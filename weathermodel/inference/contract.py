@@ -41,7 +41,9 @@ def open_initial_conditions(path: str, metadata: ModelMetadata) -> xr.DataArray:
     """Open and check initial conditions; returns ``state`` (time, number, channel, lat, lon)
     in the checkpoint's channel order, lazily."""
     store_meta = read_metadata(path) if Path(path).is_dir() else None
-    ds = open_path(path)
+    # a training store holds one stacked array: read lazily without dask (a forecast reads a
+    # few states; other datasets are stacked from many variables, which needs dask's laziness)
+    ds = open_path(path, chunked=store_meta is None)
     if store_meta is not None:  # a training store: states already stacked in channels
         if not store_meta.get("complete"):
             raise DataError("the store is incomplete", "finish it with 'weathermodel prepare'",

@@ -32,13 +32,15 @@ import zipfile
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from weathermodel.data.weights import cell_area_weights, latitude_cell_edges  # noqa: F401
 from weathermodel.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from scipy.spatial import cKDTree
 
 MESH_FORMAT_VERSION = 2
 """Bump whenever the construction of a graph changes: cached files then get new names.
@@ -400,10 +402,19 @@ def _regional_node_mask(xyz: np.ndarray, latitude: np.ndarray, longitude: np.nda
 # Grid <-> mesh connectivity
 # ----------------------------------------------------------------------------------------------
 
+def _kd_tree(points: np.ndarray) -> cKDTree:
+    """A k-d tree of ``points`` (N, 3). scipy.spatial is imported here, not with the module:
+    the import takes 0.3 s, and a graph read from the cache (every run after the first on a
+    grid) needs none of it."""
+    from scipy.spatial import cKDTree
+
+    return cKDTree(points)
+
+
 def _grid_to_mesh_edges(points: np.ndarray, mesh_xyz: np.ndarray, radius: float
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Every (grid point, mesh node) pair closer than ``radius`` (chord), grid -> mesh."""
-    neighbours = cKDTree(mesh_xyz).query_ball_point(points, r=radius, workers=-1)
+    neighbours = _kd_tree(mesh_xyz).query_ball_point(points, r=radius, workers=-1)
     counts = np.fromiter((len(n) for n in neighbours), dtype=np.int64, count=len(points))
     receivers = np.fromiter(itertools.chain.from_iterable(neighbours), dtype=np.int64,
                             count=int(counts.sum()))
@@ -458,7 +469,7 @@ def containing_triangles(points: np.ndarray, point_lon_rad: np.ndarray, vertices
     """
     centroids = vertices[faces].mean(axis=1)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    tree = cKDTree(centroids)
+    tree = _kd_tree(centroids)
     result = np.full(len(points), -1, dtype=np.int64)
     todo = np.arange(len(points))
     for k in (n_candidates, 64):
@@ -493,7 +504,7 @@ def _mesh_to_grid_edges(points: np.ndarray, point_lon_rad: np.ndarray, mesh: Mul
         senders = mesh.faces[face].reshape(-1)
         per_point = 3
     else:
-        _, nearest = cKDTree(mesh.vertices).query(points, k=knn, workers=-1)
+        _, nearest = _kd_tree(mesh.vertices).query(points, k=knn, workers=-1)
         senders = np.asarray(nearest, dtype=np.int64).reshape(-1)
         per_point = knn
     receivers = np.repeat(np.arange(len(points), dtype=np.int64), per_point)
