@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import xarray as xr
+from torch.utils._python_dispatch import TorchDispatchMode
 import zarr
 
 from weathermodel.cli import main
@@ -150,8 +152,9 @@ def test_streamed_forecast_equals_in_memory_rollout(setup: dict) -> None:
                 assert np.array_equal(compute_forcings(valid_time[None], lat, lon)[0],
                                       window[offset])
         all_forcings.append(batched)
-    # the three start dates are one batch of the forecast (ForecastOptions.batch_starts)
-    assert ForecastOptions.batch_starts >= inits.size
+    # the three start dates are one batch of the forecast (the automatic batch size)
+    assert ForecastOptions.batch_starts is None
+    assert forecast_module.automatic_batch_starts(model, 1) >= inits.size
     states = torch.from_numpy(np.stack(all_states))
     with torch.no_grad():
         expected = model.rollout(states, torch.from_numpy(np.stack(all_forcings)), steps)
@@ -586,3 +589,51 @@ def test_forecast_process_imports_neither_dask_array_nor_scipy_spatial(setup: di
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
     assert_same_store(out, setup["reference"])
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        result = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(result):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+@pytest.mark.parametrize("checkpoint", ["ncep_graph_2013", "speedy_transformer_2000"])
+def test_largest_activation_is_the_largest_tensor_of_a_forward(checkpoint: str) -> None:
+    """``largest_activation`` (what the automatic batch size divides by) equals the largest
+    tensor any op of a one-sample forward pass returns, with and without gradients (brute
+    force: every op's outputs recorded by a dispatch mode)."""
+    model = load_model(PROJECT / "checkpoints" / checkpoint)
+    network, metadata = model.network, model.metadata
+    grid = (len(metadata.latitude), len(metadata.longitude))
+    states = torch.from_numpy(np.asarray(metadata.mean, dtype=np.float32))[None, None, :,
+                                                                            None, None]
+    states = states.expand(1, model.history, -1, *grid) + torch.randn(1, model.history,
+                                                                       len(metadata.channels),
+                                                                       *grid)
+    forcings = torch.randn(1, model.history + 1, len(metadata.forcings), *grid)
+    x = model.network_inputs(states, forcings)
+    lead = torch.full((1,), 6.0)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), _LargestOutput() as recorder:
+            network(x, lead)
+        assert recorder.largest == network.largest_activation(), (checkpoint, grad)
+
+
+def test_automatic_batch_size_follows_the_graph_size() -> None:
+    """The demo's small graph: 16 samples per batch, shared out among members; a GraphCast
+    1-degree graph (latent 512, 3 decoder edges per grid point): one start date."""
+    model = load_model(PROJECT / "checkpoints" / "ncep_graph_2013")
+    assert forecast_module.automatic_batch_starts(model, 1) == 16
+    assert forecast_module.automatic_batch_starts(model, 5) == 3
+    assert forecast_module.automatic_batch_starts(model, 50) == 1
+    network = types.SimpleNamespace(largest_activation=lambda: 3 * 181 * 360 * 512)
+    assert forecast_module.automatic_batch_starts(types.SimpleNamespace(network=network), 1) == 1

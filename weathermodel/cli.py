@@ -145,8 +145,9 @@ def _add_forecast(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-unhealthy", choices=["flag", "stop"], default="flag",
                         help="NaN/inf or values far outside training: flag them or stop")
-    parser.add_argument("--batch-starts", type=int, default=4, metavar="N",
-                        help="start dates rolled out together (default %(default)s)")
+    parser.add_argument("--batch-starts", type=int, default=None, metavar="N",
+                        help="start dates rolled out together (default: as many as keep one "
+                        "network call's largest tensor under 64 MiB, at most 16 samples)")
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -174,7 +174,8 @@ class EnsembleScorer:
         position_of = {lead: position for position, lead in enumerate(self.leads)}
         variance = np.zeros((len(self.leads), len(self.channels)))
         error = np.zeros_like(variance)
-        batch = max(1, int(getattr(options, "batch_starts", 1)))
+        batch = (options.batch_starts
+                 or forecast_workflow.automatic_batch_starts(self.model, options.members))
         batches = [list(range(first, min(first + batch, self.inits.size)))
                    for first in range(0, self.inits.size, batch)]
         for indices in tqdm(batches, desc=f"amplitude {amplitude:.4g}",

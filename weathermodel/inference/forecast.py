@@ -73,8 +73,9 @@ class ForecastOptions:
     on_unhealthy: str = "flag"
     health_std: float = 10.0
     progress: bool = True
-    #: start dates rolled out together in one batch (each with its ``members``)
-    batch_starts: int = 4
+    #: start dates rolled out together in one batch (each with its ``members``); None:
+    #: :func:`automatic_batch_starts`
+    batch_starts: int | None = None
     #: write each lead on a background thread while the next one is computed
     overlap_writes: bool = True
 
@@ -504,6 +505,23 @@ def start_batches(n_inits: int, batch_starts: int, rank: int = 0, world: int = 1
     return [group for group in mine if group]
 
 
+#: an automatic batch keeps the largest tensor of one network call under this many bytes...
+AUTOMATIC_BATCH_BYTES = 64 * 2**20
+#: ... and holds at most this many samples (start dates x members)
+AUTOMATIC_BATCH_SAMPLES = 16
+
+
+def automatic_batch_starts(model: Forecaster, members: int) -> int:
+    """Start dates per batch when ``batch_starts`` is not given: as many samples (start
+    dates x ``members``) as keep the network's largest float32 tensor of one call under
+    ``AUTOMATIC_BATCH_BYTES``, at most ``AUTOMATIC_BATCH_SAMPLES``, and at least one start
+    date. Small grids get large batches (the demo: 16 start dates, whose ops run 10-20 %
+    faster per sample than 4 on two CPU threads); a 1-degree GraphCast-size graph gets 1."""
+    per_sample = 4 * model.network.largest_activation()
+    samples = min(AUTOMATIC_BATCH_SAMPLES, AUTOMATIC_BATCH_BYTES // max(per_sample, 1))
+    return max(1, samples // members)
+
+
 def forecast(options: ForecastOptions) -> Path:
     """Run the forecast; returns the output path (store or netCDF file)."""
     rank, world, device, fabric = _distributed()
@@ -514,8 +532,9 @@ def forecast(options: ForecastOptions) -> Path:
     n_leads = lead_steps(options.lead, metadata.time_step_seconds)
     if options.members < 1:
         raise ConfigError("--members must be at least 1", "give 1 or more")
-    if options.batch_starts < 1:
+    if options.batch_starts is not None and options.batch_starts < 1:
         raise ConfigError("--batch-starts must be at least 1", "give 1 or more")
+    batch_starts = options.batch_starts or automatic_batch_starts(model, options.members)
     final = Path(options.out)
     store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
     fingerprint = forecast_fingerprint(options)
@@ -535,7 +554,7 @@ def forecast(options: ForecastOptions) -> Path:
         if fabric is not None:
             fabric.barrier()
         return final
-    batches = start_batches(inits.size, options.batch_starts, rank, world,
+    batches = start_batches(inits.size, batch_starts, rank, world,
                             output.done_indices(store))
     report = _roll_out_and_write(model, options, state, inits, batches, n_leads, store, device,
                                  rank)

@@ -523,6 +523,15 @@ class GraphNetwork(nn.Module):
                                                  not last)
         return mesh
 
+    def largest_activation(self) -> int:
+        """Elements of the largest tensor of one sample's forward pass: the latent of the
+        largest node or edge set (encoder and decoder edges per edge chunk)."""
+        chunks = self.config.edge_chunks
+        rows = max(self.grid_node_features.shape[0], len(self.mesh_senders),
+                   -(-len(self.grid2mesh_senders) // chunks),
+                   -(-len(self.mesh2grid_senders) // chunks))
+        return rows * self.config.latent_size
+
     def forward(self, x: torch.Tensor, lead_time_hours: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """(batch, in_channels, lat, lon) -> (batch, out_channels, lat, lon).

@@ -414,6 +414,12 @@ class WeatherTransformer(nn.Module):
             nn.init.zeros_(module[-1].bias)
         nn.init.trunc_normal_(self.final_layer.linear.weight, std=0.02)
 
+    def largest_activation(self) -> int:
+        """Elements of the largest tensor of one sample's forward pass: the MLP hidden layer
+        over every token (patches, ``embed_dim * mlp_ratio``)."""
+        tokens = self.patch_embedding.n_lat_patches * self.patch_embedding.n_lon_patches
+        return tokens * int(self.config.embed_dim * self.config.mlp_ratio)
+
     def _check_inputs(self, x: torch.Tensor, lead_time_hours: torch.Tensor) -> None:
         expected = (self.in_channels, self.n_latitude, self.n_longitude)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
