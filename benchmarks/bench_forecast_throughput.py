@@ -6,7 +6,7 @@ missing). Two settings of the same code, through :class:`ForecastOptions`:
 
 * ``old``: one start date per batch, each lead written in the rolling thread (what
   ``weathermodel forecast`` did before batching and background writes);
-* ``new``: the defaults (automatic ``batch_starts``, 16 start dates per batch for the demo's
+* ``new``: the defaults (automatic ``batch_starts``, 8 start dates per batch for the demo's
   graph; writes on a background thread overlapping the next step; computed forcings once per
   valid time on the device; health statistics without a sync per channel, in both).
 

@@ -629,11 +629,11 @@ def test_largest_activation_is_the_largest_tensor_of_a_forward(checkpoint: str) 
 
 
 def test_automatic_batch_size_follows_the_graph_size() -> None:
-    """The demo's small graph: 16 samples per batch, shared out among members; a GraphCast
+    """The demo's small graph: 8 samples per batch, shared out among members; a GraphCast
     1-degree graph (latent 512, 3 decoder edges per grid point): one start date."""
     model = load_model(PROJECT / "checkpoints" / "ncep_graph_2013")
-    assert forecast_module.automatic_batch_starts(model, 1) == 16
-    assert forecast_module.automatic_batch_starts(model, 5) == 3
+    assert forecast_module.automatic_batch_starts(model, 1) == 8
+    assert forecast_module.automatic_batch_starts(model, 3) == 2
     assert forecast_module.automatic_batch_starts(model, 50) == 1
     network = types.SimpleNamespace(largest_activation=lambda: 3 * 181 * 360 * 512)
     assert forecast_module.automatic_batch_starts(types.SimpleNamespace(network=network), 1) == 1

@@ -147,7 +147,7 @@ def _add_forecast(subparsers: Any) -> None:
                         help="NaN/inf or values far outside training: flag them or stop")
     parser.add_argument("--batch-starts", type=int, default=None, metavar="N",
                         help="start dates rolled out together (default: as many as keep one "
-                        "network call's largest tensor under 64 MiB, at most 16 samples)")
+                        "network call's largest tensor under 64 MiB, at most 8 samples)")
     parser.add_argument("--no-progress", action="store_true")
 
 

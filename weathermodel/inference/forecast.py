@@ -507,16 +507,19 @@ def start_batches(n_inits: int, batch_starts: int, rank: int = 0, world: int = 1
 
 #: an automatic batch keeps the largest tensor of one network call under this many bytes...
 AUTOMATIC_BATCH_BYTES = 64 * 2**20
-#: ... and holds at most this many samples (start dates x members)
-AUTOMATIC_BATCH_SAMPLES = 16
+#: ... and holds at most this many samples (start dates x members): on two CPU threads the
+#: demo's graph runs 8 samples per call 10-15 % faster per sample than 4; 16 were faster still,
+#: but glibc's heap, which keeps freed memory (``host_memory``), fragmented more with their
+#: larger blocks (peak RSS +24 % at 40 days' lead against +8 % with 8; memory in use flat)
+AUTOMATIC_BATCH_SAMPLES = 8
 
 
 def automatic_batch_starts(model: Forecaster, members: int) -> int:
     """Start dates per batch when ``batch_starts`` is not given: as many samples (start
     dates x ``members``) as keep the network's largest float32 tensor of one call under
     ``AUTOMATIC_BATCH_BYTES``, at most ``AUTOMATIC_BATCH_SAMPLES``, and at least one start
-    date. Small grids get large batches (the demo: 16 start dates, whose ops run 10-20 %
-    faster per sample than 4 on two CPU threads); a 1-degree GraphCast-size graph gets 1."""
+    date. Small grids get large batches (the demo: 8 start dates); a 1-degree GraphCast-size
+    graph gets 1."""
     per_sample = 4 * model.network.largest_activation()
     samples = min(AUTOMATIC_BATCH_SAMPLES, AUTOMATIC_BATCH_BYTES // max(per_sample, 1))
     return max(1, samples // members)
