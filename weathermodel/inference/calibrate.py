@@ -174,10 +174,8 @@ class EnsembleScorer:
         position_of = {lead: position for position, lead in enumerate(self.leads)}
         variance = np.zeros((len(self.leads), len(self.channels)))
         error = np.zeros_like(variance)
-        batch = (options.batch_starts
-                 or forecast_workflow.automatic_batch_starts(self.model, options.members))
-        batches = [list(range(first, min(first + batch, self.inits.size)))
-                   for first in range(0, self.inits.size, batch)]
+        batches = forecast_workflow.start_batches(
+            self.inits.size, forecast_workflow.batch_starts_of(options, self.model))
         for indices in tqdm(batches, desc=f"amplitude {amplitude:.4g}",
                             disable=not self.options.progress, leave=False):
             # the forecast's own rollout: the same members 'forecast' makes for these starts

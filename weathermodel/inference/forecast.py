@@ -525,6 +525,11 @@ def automatic_batch_starts(model: Forecaster, members: int) -> int:
     return max(1, samples // members)
 
 
+def batch_starts_of(options: ForecastOptions, model: Forecaster) -> int:
+    """Start dates per batch: ``options.batch_starts``, else :func:`automatic_batch_starts`."""
+    return options.batch_starts or automatic_batch_starts(model, options.members)
+
+
 def forecast(options: ForecastOptions) -> Path:
     """Run the forecast; returns the output path (store or netCDF file)."""
     rank, world, device, fabric = _distributed()
@@ -537,7 +542,6 @@ def forecast(options: ForecastOptions) -> Path:
         raise ConfigError("--members must be at least 1", "give 1 or more")
     if options.batch_starts is not None and options.batch_starts < 1:
         raise ConfigError("--batch-starts must be at least 1", "give 1 or more")
-    batch_starts = options.batch_starts or automatic_batch_starts(model, options.members)
     final = Path(options.out)
     store = final if options.output_format == "zarr" else final.with_name(final.name + ".zarr")
     fingerprint = forecast_fingerprint(options)
@@ -557,7 +561,7 @@ def forecast(options: ForecastOptions) -> Path:
         if fabric is not None:
             fabric.barrier()
         return final
-    batches = start_batches(inits.size, batch_starts, rank, world,
+    batches = start_batches(inits.size, batch_starts_of(options, model), rank, world,
                             output.done_indices(store))
     report = _roll_out_and_write(model, options, state, inits, batches, n_leads, store, device,
                                  rank)

@@ -212,12 +212,12 @@ class LeadWriter:
         self.metadata = metadata
         self.arrays = {name: group[name] for name in variable_layout(metadata)}
         self.n_members = n_members
-        self.chunk_dirs: dict[str, Path] | None = {name: Path(path) / name
-                                                   for name in self.arrays}
-        for name, array in self.arrays.items():
-            chunks = plain_chunk_shape(array_metadata(Path(path) / name))
-            if chunks != _lead_chunks(array.shape, n_members):
-                self.chunk_dirs = None  # not plain, or not one chunk per lead: zarr writes
+        folders = {name: Path(path) / name for name in self.arrays}
+        plain = all(plain_chunk_shape(array_metadata(folders[name]))
+                    == _lead_chunks(array.shape, n_members)
+                    for name, array in self.arrays.items())
+        # not plain, or not one chunk per lead: zarr writes
+        self.chunk_dirs: dict[str, Path] | None = folders if plain else None
 
     def write(self, time_index: int, lead_index: int, state: np.ndarray) -> None:
         """state: (members, channel, lat, lon) float32."""
